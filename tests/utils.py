@@ -1,0 +1,34 @@
+"""The one assert helper the tests share: shape, then dtype, then values with dtype-scaled tolerance."""
+
+from __future__ import annotations
+
+import numpy as np
+
+# float32: within float32 rounding of exact math; float64: within float64 rounding.
+TOLERANCES = {
+    np.dtype(np.float32): {"rtol": 2e-4, "atol": 2e-5},
+    np.dtype(np.float64): {"rtol": 1e-9, "atol": 1e-10},
+}
+
+
+def to_numpy(value) -> np.ndarray:
+    if hasattr(value, "detach"):
+        value = value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def assert_close(actual, expected, dtype=None, *, rtol=None, atol=None, check_dtype=True, what=""):
+    """Assert shape, then dtype, then values; tolerance from ``dtype`` unless given."""
+    actual = to_numpy(actual)
+    expected = to_numpy(expected)
+    label = f"{what}: " if what else ""
+    assert actual.shape == expected.shape, f"{label}shape {actual.shape} != {expected.shape}"
+    dtype = np.dtype(dtype if dtype is not None else actual.dtype)
+    if check_dtype:
+        assert actual.dtype == dtype, f"{label}dtype {actual.dtype} != {dtype}"
+    tol = TOLERANCES.get(dtype, TOLERANCES[np.dtype(np.float32)])
+    rtol = tol["rtol"] if rtol is None else rtol
+    atol = tol["atol"] if atol is None else atol
+    np.testing.assert_allclose(
+        actual.astype(np.float64), expected.astype(np.float64), rtol=rtol, atol=atol, err_msg=label
+    )

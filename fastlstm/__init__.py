@@ -3,7 +3,23 @@
 Same numbers as ``torch.nn.LSTM`` for the same weights, no deep-learning framework at run time.
 """
 
+from fastlstm import optim
 from fastlstm._module import Module
+from fastlstm._threads import get_num_threads, set_num_threads
+from fastlstm.linear import Linear
+from fastlstm.loss import mse_loss
+from fastlstm.lstm import LSTM, LSTMCell
+from fastlstm.optim import clip_grad_norm
 
-__all__ = ["Module"]
+__all__ = [
+    "LSTM",
+    "LSTMCell",
+    "Linear",
+    "Module",
+    "clip_grad_norm",
+    "get_num_threads",
+    "mse_loss",
+    "optim",
+    "set_num_threads",
+]
 __version__ = "0.1.0"

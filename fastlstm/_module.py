@@ -9,11 +9,14 @@ Updating a ``params`` array in place updates the model; rebinding a dict entry d
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
+_FORMAT = "fastlstm-npz-1"
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
@@ -58,19 +61,27 @@ class Module:
     dtype: np.dtype
 
     def _init_buffers(self, layout: list[tuple[str, tuple[int, ...]]]) -> None:
+        """Allocate the flat buffers and make ``params``/``grads`` views in ``layout`` order."""
+        self.params, self.grads = self._allocate(layout)
+
+    def _allocate(self, layout: list[tuple[str, tuple[int, ...]]]):
+        """Allocate flat parameter and gradient buffers; return two dicts of views into them.
+
+        Also starts the module in training mode with no caches.
+        """
         sizes = [int(np.prod(shape)) for _, shape in layout]
         total = int(sum(sizes))
         self._flat_params = np.zeros(total, dtype=self.dtype)
         self._flat_grads = np.zeros(total, dtype=self.dtype)
-        self.params = {}
-        self.grads = {}
+        params, grads = {}, {}
         offset = 0
         for (name, shape), size in zip(layout, sizes, strict=True):
-            self.params[name] = self._flat_params[offset : offset + size].reshape(shape)
-            self.grads[name] = self._flat_grads[offset : offset + size].reshape(shape)
+            params[name] = self._flat_params[offset : offset + size].reshape(shape)
+            grads[name] = self._flat_grads[offset : offset + size].reshape(shape)
             offset += size
         self.training = True
         self._caches: list[Any] = []
+        return params, grads
 
     # ----------------------------------------------------------------- modes, caches
     def train(self, mode: bool = True) -> Module:
@@ -93,13 +104,19 @@ class Module:
         self._caches.append(cache)
 
     def _pop_cache(self) -> Any:
+        cache = self._peek_cache()
+        self._caches.pop()
+        return cache
+
+    def _peek_cache(self) -> Any:
+        """The cache the next backward would consume (it stays until popped)."""
         if not self._caches:
             raise RuntimeError(
                 f"{type(self).__name__}.backward() needs a forward call made in training mode "
                 "that has not been backpropagated yet; there is none (forwards in eval mode keep "
                 "no cache, and zero_grad()/eval() drop unconsumed ones)"
             )
-        return self._caches.pop()
+        return self._caches[-1]
 
     # ------------------------------------------------------------------ state dicts
     def state_dict(self) -> dict[str, np.ndarray]:
@@ -132,3 +149,52 @@ class Module:
             converted[name] = value
         for name, value in converted.items():
             self.params[name][...] = value
+
+    # ------------------------------------------------------------------ save / load
+    def _config(self) -> dict[str, Any]:
+        """Constructor arguments that rebuild this module (JSON-serialisable)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be saved")
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write configuration and parameters to one ``.npz`` file (no pickle inside).
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            Destination; NumPy appends ``.npz`` if the name lacks it.
+        """
+        header = {"format": _FORMAT, "class": type(self).__name__, "config": self._config()}
+        arrays = {f"param/{name}": value for name, value in self.params.items()}
+        np.savez(path, header=np.array(json.dumps(header)), **arrays)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike):
+        """Rebuild a module saved by :meth:`save`, reading with ``allow_pickle=False``.
+
+        Raises
+        ------
+        ValueError
+            If the file is not a fastlstm ``.npz``, holds a different class, or holds
+            pickled objects.
+        """
+        try:
+            with np.load(path, allow_pickle=False) as archive:
+                if "header" not in archive.files:
+                    raise ValueError(f"{path}: not a fastlstm file (no header entry)")
+                header = json.loads(str(archive["header"]))
+                state = {
+                    name.removeprefix("param/"): archive[name]
+                    for name in archive.files
+                    if name.startswith("param/")
+                }
+        except ValueError as exc:
+            if "allow_pickle" in str(exc) or "Object arrays" in str(exc):
+                raise ValueError(f"{path}: holds pickled objects, which fastlstm never loads") from exc
+            raise
+        if header.get("format") != _FORMAT:
+            raise ValueError(f"{path}: expected format {_FORMAT!r}, got {header.get('format')!r}")
+        if header.get("class") != cls.__name__:
+            raise ValueError(f"{path}: holds a {header.get('class')}, not a {cls.__name__}")
+        module = cls(**header["config"])
+        module.load_state_dict(state)
+        return module

@@ -1,0 +1,110 @@
+"""Direct BLAS calls from @njit code, without copies or per-call allocation.
+
+NumPy's ``np.dot`` inside Numba allocates its result (or needs contiguous operands) and
+cannot accumulate. Here the ``sgemm``/``dgemm`` that SciPy exports for Cython are
+registered as LLVM symbols, so compiled kernels call them by name: that keeps
+``cache=True`` working (a raw ctypes pointer would be baked into the cached code) and
+lets a kernel write a strided block (one direction's columns) with ``beta=1``.
+
+All helpers take row-major 2-D arrays whose last axis is contiguous; row strides may be
+larger than the row length. BLAS is column-major, so C = A @ B^T is computed as
+C^T = B A^T.
+"""
+
+from __future__ import annotations
+
+import llvmlite.binding as llvm
+import numpy as np
+from numba import types
+from numba.core import cgutils
+from numba.extending import get_cython_function_address, intrinsic, overload
+
+from fastlstm._config import jit
+
+for _name in ("sgemm", "dgemm"):
+    llvm.add_symbol(
+        f"fastlstm_{_name}", get_cython_function_address("scipy.linalg.cython_blas", _name)
+    )
+_GEMM_SIGNATURE = types.void(*([types.voidptr] * 13))
+_sgemm = types.ExternalFunction("fastlstm_sgemm", _GEMM_SIGNATURE)
+_dgemm = types.ExternalFunction("fastlstm_dgemm", _GEMM_SIGNATURE)
+
+_TRANS = np.uint8(ord("T"))
+_NO_TRANS = np.uint8(ord("N"))
+
+
+@intrinsic
+def _address_of(typingctx, value):
+    """Pointer to a stack slot holding ``value`` (BLAS takes every scalar by reference).
+
+    The slot is allocated once in the function's entry block, so calling this in a loop
+    does not grow the stack.
+    """
+
+    def codegen(context, builder, signature, args):
+        slot = cgutils.alloca_once(builder, args[0].type)
+        builder.store(args[0], slot)
+        return builder.bitcast(slot, cgutils.voidptr_t)
+
+    return types.voidptr(value), codegen
+
+
+def _xgemm(transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
+    """Typed stub: column-major ``c = alpha op(a) op(b) + beta c`` in c's precision."""
+
+
+@overload(_xgemm)
+def _xgemm_impl(transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
+    gemm = _sgemm if c.dtype == types.float32 else _dgemm
+    scalar = c.dtype
+
+    def impl(transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
+        gemm(
+            _address_of(transa),
+            _address_of(transb),
+            _address_of(np.int32(m)),
+            _address_of(np.int32(n)),
+            _address_of(np.int32(k)),
+            _address_of(scalar(alpha)),
+            a.ctypes,
+            _address_of(np.int32(lda)),
+            b.ctypes,
+            _address_of(np.int32(ldb)),
+            _address_of(scalar(beta)),
+            c.ctypes,
+            _address_of(np.int32(ldc)),
+        )
+
+    return impl
+
+
+@jit
+def _row_stride(a):
+    # BLAS rejects a leading dimension of 0, which a (rows, 0) view can have.
+    return max(a.strides[0] // a.itemsize, max(a.shape[1], 1))
+
+
+@jit
+def gemm_abt(c, a, b, beta):
+    """c = a @ b.T + beta * c for a (M, K), b (N, K), c (M, N)."""
+    m, k = a.shape
+    n = b.shape[0]
+    if m == 0 or n == 0:
+        return
+    _xgemm(
+        _TRANS, _NO_TRANS, n, m, k, 1.0, b, _row_stride(b), a, _row_stride(a), beta, c,
+        _row_stride(c),
+    )
+
+
+@jit
+def gemm_ab(c, a, b, beta):
+    """c = a @ b + beta * c for a (M, K), b (K, N), c (M, N)."""
+    m, k = a.shape
+    n = b.shape[1]
+    if m == 0 or n == 0:
+        return
+    _xgemm(
+        _NO_TRANS, _NO_TRANS, n, m, k, 1.0, b, _row_stride(b), a, _row_stride(a), beta, c,
+        _row_stride(c),
+    )

@@ -1,0 +1,51 @@
+"""Every tunable of fastlstm in one place: compiler flags, caching, and when to go parallel.
+
+The fastmath set keeps NaN and inf semantics (no ``nnan``/``ninf``), so NaN inputs still
+give NaN outputs and saturated activations stay exact; it allows reassociation and
+contraction into FMAs, which the vectorised gate loops need.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numba
+
+FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
+
+# A layer call goes parallel (a chunk of the batch, or one direction, per thread for the
+# whole time loop) only when it has at least this many multiply-adds in its recurrent
+# products: below it, waking the threads costs more than it saves.
+PARALLEL_MIN_MACS = 4_000_000
+
+# Below this many multiply-adds per step and row, the recurrent product is done by a
+# hand-written loop instead of a BLAS call (the call's own overhead dominates tiny sizes).
+SMALL_RECURRENT_MACS = 4096
+
+
+def jit(*args, parallel: bool = False, **kwargs):
+    """``numba.njit`` with fastlstm's flags and ``cache=True``, falling back to no cache.
+
+    Numba raises at decoration time when it finds no writable cache folder (an installed
+    package in a read-only location with no user cache dir); then we compile per process.
+    """
+
+    def decorate(func):
+        # error_model="numpy": float division without Python's ZeroDivisionError check,
+        # which would otherwise keep every loop with a division from vectorising.
+        options = {
+            "fastmath": FASTMATH,
+            "parallel": parallel,
+            "nogil": True,
+            "error_model": "numpy",
+            **kwargs,
+        }
+        try:
+            return numba.njit(cache=True, **options)(func)
+        except RuntimeError as exc:  # "cannot cache function ...: no locator available"
+            warnings.warn(f"fastlstm: compiling without cache ({exc})", stacklevel=2)
+            return numba.njit(cache=False, **options)(func)
+
+    if args and callable(args[0]):
+        return decorate(args[0])
+    return decorate

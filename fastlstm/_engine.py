@@ -1,0 +1,227 @@
+"""Stacked-LSTM forward and backward over validated arrays: GEMMs in NumPy, time loops in kernels.
+
+The public classes validate and lay out their inputs, then call :func:`forward` and
+:func:`backward` here with time-major, C-contiguous arrays in the model's dtype. Per layer:
+one GEMM for the input projection of every step and both directions, one kernel call for
+the time loops, and (backward) one GEMM each for dx and the weight gradients. The only
+Python loop is over layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from fastlstm import _kernels
+from fastlstm._config import PARALLEL_MIN_MACS
+from fastlstm._threads import blas_single_threaded, get_num_threads
+
+
+@dataclass
+class LayerArrays:
+    """One layer's parameters (or gradients), both directions stacked on the first axis.
+
+    Absent options are ``None``; the kernels get empty or zero arrays in their place.
+    """
+
+    w_ih: np.ndarray  # (D, G, I_k)
+    w_hh: np.ndarray  # (D, G, P)
+    b_ih: np.ndarray | None  # (D, G)
+    b_hh: np.ndarray | None  # (D, G)
+    w_hr: np.ndarray | None  # (D, P, H)
+    peep: np.ndarray | None  # (D, 3, H)
+    w_ch: np.ndarray | None  # (D, G, H)
+    b_ch: np.ndarray | None  # (D, G)
+
+
+@dataclass
+class LayerCache:
+    inputs: np.ndarray  # (T, B, I_k) what the layer read (after dropout)
+    xp: np.ndarray  # (T, B, D*G) gates after forward, dL/da after backward
+    hprev: np.ndarray  # (D, T, B, P)
+    cstate: np.ndarray  # (D, T, B, H)
+    mstore: np.ndarray  # (D, T, B, H) with projection, else empty
+    h0: np.ndarray  # (D, B, P)
+    c0: np.ndarray  # (D, B, H)
+    mask: np.ndarray | None  # dropout mask applied to this layer's output
+
+
+def _empty(dtype, ndim):
+    return np.zeros((0,) * ndim, dtype=dtype)
+
+
+def _kernel_weights(layer: LayerArrays, hidden: int):
+    """The weight arguments the kernels take, with empty/zero stand-ins for absent ones."""
+    directions, _, _ = layer.w_hh.shape
+    dtype = layer.w_hh.dtype
+    w_hr = layer.w_hr if layer.w_hr is not None else np.zeros((directions, 0, 0), dtype)
+    peep = layer.peep if layer.peep is not None else np.zeros((directions, 3, hidden), dtype)
+    w_ch = layer.w_ch if layer.w_ch is not None else np.zeros((directions, 0, 0), dtype)
+    bias = np.zeros((directions, 4 * hidden), dtype)
+    for part in (layer.b_ih, layer.b_hh, layer.b_ch):
+        if part is not None:
+            bias += part
+    return w_hr, peep, w_ch, bias
+
+
+def _plan(steps: int, batch: int, directions: int, gates: int, out_size: int):
+    """How many batch chunks per direction, and whether to run the parallel kernel."""
+    threads = get_num_threads()
+    macs = steps * batch * directions * gates * out_size
+    if threads < 2 or macs < PARALLEL_MIN_MACS:
+        return 1, False
+    chunks = max(1, min(batch, threads // directions))
+    return chunks, directions * chunks > 1
+
+
+def forward(
+    layers: list[LayerArrays],
+    x: np.ndarray,
+    h0: np.ndarray,
+    c0: np.ndarray,
+    lengths: np.ndarray,
+    *,
+    hidden: int,
+    training: bool,
+    dropout: float,
+    rng: np.random.Generator,
+):
+    """Run every layer. x (T, B, I); h0 (L*D, B, P); c0 (L*D, B, H); lengths (B,) int64.
+
+    Returns out (T, B, D*P), h_n, c_n and, in training, the list of LayerCache.
+    """
+    steps, batch, _ = x.shape
+    directions, gates, out_size = layers[0].w_hh.shape
+    dtype = x.dtype
+    h_n = np.empty_like(h0)
+    c_n = np.empty_like(c0)
+    caches = []
+    layer_in = x
+    chunks, parallel = _plan(steps, batch, directions, gates, out_size)
+    kernel = _kernels.layer_forward_parallel if parallel else _kernels.layer_forward_serial
+    for k, layer in enumerate(layers):
+        width = layer_in.shape[2]
+        w_ih = layer.w_ih.reshape(directions * gates, width)
+        xp = (layer_in.reshape(steps * batch, width) @ w_ih.T).reshape(steps, batch, -1)
+        out = np.empty((steps, batch, directions * out_size), dtype)
+        w_hr, peep, w_ch, bias = _kernel_weights(layer, hidden)
+        if training:
+            hprev = np.empty((directions, steps, batch, out_size), dtype)
+            cstate = np.empty((directions, steps, batch, hidden), dtype)
+            has_proj = layer.w_hr is not None
+            mstore = np.empty((directions, steps, batch, hidden) if has_proj else (0,) * 4, dtype)
+        else:
+            hprev = cstate = mstore = _empty(dtype, 4)
+        rows = slice(k * directions, (k + 1) * directions)
+        args = (
+            out, h_n[rows], c_n[rows], xp, hprev, cstate, mstore,
+            h0[rows], c0[rows], layer.w_hh, w_hr, peep, w_ch, bias, lengths, chunks, training,
+        )  # fmt: skip
+        if parallel:
+            with blas_single_threaded():
+                kernel(*args)
+        else:
+            kernel(*args)
+        mask = None
+        if training and dropout > 0 and k < len(layers) - 1:
+            keep = rng.random(out.shape) >= dropout
+            scale = 0.0 if dropout >= 1 else 1.0 / (1.0 - dropout)
+            mask = (keep * scale).astype(dtype)
+        if training:
+            caches.append(LayerCache(layer_in, xp, hprev, cstate, mstore, h0[rows], c0[rows], mask))
+        layer_in = out * mask if mask is not None else out
+    return out, h_n, c_n, caches
+
+
+def backward(
+    layers: list[LayerArrays],
+    grads: list[LayerArrays],
+    caches: list[LayerCache],
+    dout: np.ndarray,
+    dh_n: np.ndarray,
+    dc_n: np.ndarray,
+    lengths: np.ndarray,
+    *,
+    hidden: int,
+):
+    """Backpropagate through every layer, adding into ``grads``.
+
+    dout (T, B, D*P); dh_n (L*D, B, P); dc_n (L*D, B, H). Returns dx (T, B, I), dh0, dc0.
+    The caches' gate arrays are overwritten (a cache serves one backward).
+    """
+    steps, batch, _ = dout.shape
+    directions, gates, out_size = layers[0].w_hh.shape
+    dtype = dout.dtype
+    dh0 = np.empty_like(dh_n)
+    dc0 = np.empty_like(dc_n)
+    chunks, parallel = _plan(steps, batch, directions, gates, out_size)
+    kernel = _kernels.layer_backward_parallel if parallel else _kernels.layer_backward_serial
+    d_layer_out = dout
+    for k in range(len(layers) - 1, -1, -1):
+        layer, grad, cache = layers[k], grads[k], caches[k]
+        w_hr, peep, w_ch, _ = _kernel_weights(layer, hidden)
+        has_proj = layer.w_hr is not None
+        dhstore = np.empty(
+            (directions, steps, batch, out_size) if has_proj else (0,) * 4, dtype
+        )
+        rows = slice(k * directions, (k + 1) * directions)
+        args = (
+            cache.xp, dh0[rows], dc0[rows], dhstore, np.ascontiguousarray(d_layer_out),
+            dh_n[rows], dc_n[rows], cache.cstate, cache.c0,
+            layer.w_hh, w_hr, peep, w_ch, lengths, chunks,
+        )  # fmt: skip
+        if parallel:
+            with blas_single_threaded():
+                kernel(*args)
+        else:
+            kernel(*args)
+        d_layer_in = _weight_gradients(layer, grad, cache, dhstore, hidden)
+        if k > 0:
+            below = caches[k - 1].mask
+            d_layer_out = d_layer_in * below if below is not None else d_layer_in
+    return d_layer_in, dh0, dc0
+
+
+def _weight_gradients(layer, grad, cache, dhstore, hidden):
+    """All weight gradients of one layer as large GEMMs over every step; returns dL/dinput."""
+    steps, batch, width = cache.inputs.shape
+    directions, gates, out_size = layer.w_hh.shape
+    rows = steps * batch
+    da = cache.xp.reshape(rows, directions * gates)  # dL/da, both directions side by side
+    inputs = cache.inputs.reshape(rows, width)
+    grad.w_ih.reshape(directions * gates, width)[...] += da.T @ inputs
+    d_inputs = (da @ layer.w_ih.reshape(directions * gates, width)).reshape(steps, batch, width)
+    bias_grad = da.sum(axis=0).reshape(directions, gates)
+    for part in (grad.b_ih, grad.b_hh, grad.b_ch):
+        if part is not None:
+            part += bias_grad
+    need_cprev = layer.peep is not None or layer.w_ch is not None
+    for d in range(directions):
+        da_d = da[:, d * gates : (d + 1) * gates]
+        grad.w_hh[d] += da_d.T @ cache.hprev[d].reshape(rows, out_size)
+        if layer.w_hr is not None:
+            grad.w_hr[d] += dhstore[d].reshape(rows, out_size).T @ cache.mstore[d].reshape(
+                rows, hidden
+            )
+        if not need_cprev:
+            continue
+        c_t = cache.cstate[d].reshape(rows, hidden)
+        c_prev = _previous_cells(cache.cstate[d], cache.c0[d], reverse=d == 1).reshape(
+            rows, hidden
+        )
+        if layer.peep is not None:
+            grad.peep[d, 0] += np.einsum("rh,rh->h", da_d[:, :hidden], c_prev)
+            grad.peep[d, 1] += np.einsum("rh,rh->h", da_d[:, hidden : 2 * hidden], c_prev)
+            grad.peep[d, 2] += np.einsum("rh,rh->h", da_d[:, 3 * hidden :], c_t)
+        if layer.w_ch is not None:
+            grad.w_ch[d, : 3 * hidden] += da_d[:, : 3 * hidden].T @ c_prev
+            grad.w_ch[d, 3 * hidden :] += da_d[:, 3 * hidden :].T @ c_t
+    return d_inputs
+
+
+def _previous_cells(cstate: np.ndarray, c0: np.ndarray, *, reverse: bool) -> np.ndarray:
+    """c_{t-1} for every step t in the direction's own order (c0 before the first step)."""
+    if reverse:
+        return np.concatenate([cstate[1:], c0[None]], axis=0)
+    return np.concatenate([c0[None], cstate[:-1]], axis=0)

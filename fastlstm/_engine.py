@@ -9,6 +9,8 @@ Python loop is over layers.
 
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,6 +49,17 @@ class LayerCache:
     mask: np.ndarray | None  # dropout mask applied to this layer's output
 
 
+@contextmanager
+def _phase(timings: dict[str, float] | None, name: str):
+    """Add the wall time of the block to ``timings[name]`` (when profiling; else nothing)."""
+    if timings is None:
+        yield
+        return
+    start = time.perf_counter()
+    yield
+    timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+
+
 def _empty(dtype, ndim):
     return np.zeros((0,) * ndim, dtype=dtype)
 
@@ -75,6 +88,14 @@ def _plan(steps: int, batch: int, directions: int, gates: int, out_size: int):
     return chunks, directions * chunks > 1
 
 
+def _run(kernel, args, parallel: bool) -> None:
+    if parallel:
+        with blas_single_threaded():
+            kernel(*args)
+    else:
+        kernel(*args)
+
+
 def forward(
     layers: list[LayerArrays],
     x: np.ndarray,
@@ -86,10 +107,12 @@ def forward(
     training: bool,
     dropout: float,
     rng: np.random.Generator,
+    timings: dict[str, float] | None = None,
 ):
     """Run every layer. x (T, B, I); h0 (L*D, B, P); c0 (L*D, B, H); lengths (B,) int64.
 
     Returns out (T, B, D*P), h_n, c_n and, in training, the list of LayerCache.
+    With a ``timings`` dict, adds seconds per phase: "input_gemm", "time_loop", "dropout".
     """
     steps, batch, _ = x.shape
     directions, gates, out_size = layers[0].w_hh.shape
@@ -103,7 +126,8 @@ def forward(
     for k, layer in enumerate(layers):
         width = layer_in.shape[2]
         w_ih = layer.w_ih.reshape(directions * gates, width)
-        xp = (layer_in.reshape(steps * batch, width) @ w_ih.T).reshape(steps, batch, -1)
+        with _phase(timings, "input_gemm"):
+            xp = (layer_in.reshape(steps * batch, width) @ w_ih.T).reshape(steps, batch, -1)
         out = np.empty((steps, batch, directions * out_size), dtype)
         w_hr, peep, w_ch, bias = _kernel_weights(layer, hidden)
         if training:
@@ -118,16 +142,14 @@ def forward(
             out, h_n[rows], c_n[rows], xp, hprev, cstate, mstore,
             h0[rows], c0[rows], layer.w_hh, w_hr, peep, w_ch, bias, lengths, chunks, training,
         )  # fmt: skip
-        if parallel:
-            with blas_single_threaded():
-                kernel(*args)
-        else:
-            kernel(*args)
+        with _phase(timings, "time_loop"):
+            _run(kernel, args, parallel)
         mask = None
         if training and dropout > 0 and k < len(layers) - 1:
-            keep = rng.random(out.shape) >= dropout
-            scale = 0.0 if dropout >= 1 else 1.0 / (1.0 - dropout)
-            mask = (keep * scale).astype(dtype)
+            with _phase(timings, "dropout"):
+                keep = rng.random(out.shape) >= dropout
+                scale = 0.0 if dropout >= 1 else 1.0 / (1.0 - dropout)
+                mask = (keep * scale).astype(dtype)
         if training:
             caches.append(LayerCache(layer_in, xp, hprev, cstate, mstore, h0[rows], c0[rows], mask))
         layer_in = out * mask if mask is not None else out
@@ -144,11 +166,13 @@ def backward(
     lengths: np.ndarray,
     *,
     hidden: int,
+    timings: dict[str, float] | None = None,
 ):
     """Backpropagate through every layer, adding into ``grads``.
 
     dout (T, B, D*P); dh_n (L*D, B, P); dc_n (L*D, B, H). Returns dx (T, B, I), dh0, dc0.
     The caches' gate arrays are overwritten (a cache serves one backward).
+    With a ``timings`` dict, adds seconds per phase: "backward_time_loop", "weight_gradients".
     """
     steps, batch, _ = dout.shape
     directions, gates, out_size = layers[0].w_hh.shape
@@ -171,12 +195,10 @@ def backward(
             dh_n[rows], dc_n[rows], cache.cstate, cache.c0,
             layer.w_hh, w_hr, peep, w_ch, lengths, chunks,
         )  # fmt: skip
-        if parallel:
-            with blas_single_threaded():
-                kernel(*args)
-        else:
-            kernel(*args)
-        d_layer_in = _weight_gradients(layer, grad, cache, dhstore, hidden)
+        with _phase(timings, "backward_time_loop"):
+            _run(kernel, args, parallel)
+        with _phase(timings, "weight_gradients"):
+            d_layer_in = _weight_gradients(layer, grad, cache, dhstore, hidden)
         if k > 0:
             below = caches[k - 1].mask
             d_layer_out = d_layer_in * below if below is not None else d_layer_in

@@ -390,3 +390,14 @@ def layer_backward_parallel(
             w_hh, w_hr, peep, w_ch, lengths,
             d, k * batch // n_chunks, (k + 1) * batch // n_chunks,
         )  # fmt: skip
+
+
+@jit
+def recurrent_products_only(acc, h, w_hh, steps):
+    """The forward time loop's recurrent products alone (for the profiler's phase split).
+
+    acc (B, G) += h (B, P) @ w_hh (G, P)^T, ``steps`` times: the same calls, sizes and
+    operands as one direction's time loop, without the gate math.
+    """
+    for _ in range(steps):
+        _matmul_abt(acc, h, w_hh, True)

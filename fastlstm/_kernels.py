@@ -87,65 +87,71 @@ def _add_into(dst, src):
 
 
 # ------------------------------------------------------------------------ gate passes
+# Each pass takes the four gate blocks of a row as separate 1-D views. Indexing one 4H
+# array at j, H + j, 2H + j, 3H + j while writing it defeats LLVM's dependence analysis
+# (the offsets are symbolic) and the loop stays scalar; separate views get runtime alias
+# checks instead, and the loops become AVX2 code.
 
 
 @jit
-def _gates_forward(a, c_prev, c_next, m, bias, p_i, p_f, p_o):
-    """Plain or diagonal-peephole step for one row: a (G) in pre-activations, out gates."""
-    hidden = c_prev.shape[0]
-    for j in range(hidden):
+def _blocks(v, hidden):
+    """The i, f, g, o blocks of a 4H vector as four views."""
+    return v[:hidden], v[hidden : 2 * hidden], v[2 * hidden : 3 * hidden], v[3 * hidden :]
+
+
+@jit
+def _gates_forward(ai, af, ag, ao, c_prev, c_next, m, bi, bf, bg, bo, p_i, p_f, p_o):
+    """Plain or diagonal-peephole step for one row: pre-activations in, gates out."""
+    for j in range(c_prev.shape[0]):
         cp = c_prev[j]
-        gi = sigmoid(a[j] + bias[j] + p_i[j] * cp)
-        gf = sigmoid(a[hidden + j] + bias[hidden + j] + p_f[j] * cp)
-        gg = tanh(a[2 * hidden + j] + bias[2 * hidden + j])
+        gi = sigmoid(ai[j] + bi[j] + p_i[j] * cp)
+        gf = sigmoid(af[j] + bf[j] + p_f[j] * cp)
+        gg = tanh(ag[j] + bg[j])
         cc = gf * cp + gi * gg
-        go = sigmoid(a[3 * hidden + j] + bias[3 * hidden + j] + p_o[j] * cc)
+        go = sigmoid(ao[j] + bo[j] + p_o[j] * cc)
         c_next[j] = cc
         m[j] = go * tanh(cc)
-        a[j] = gi
-        a[hidden + j] = gf
-        a[2 * hidden + j] = gg
-        a[3 * hidden + j] = go
+        ai[j] = gi
+        af[j] = gf
+        ag[j] = gg
+        ao[j] = go
 
 
 @jit
-def _gates_forward_ifg(a, c_prev, c_next, bias):
+def _gates_forward_ifg(ai, af, ag, c_prev, c_next, bi, bf, bg):
     """Full-peephole step, first half: i, f, g and the new cell (o needs W_ch c_t)."""
-    hidden = c_prev.shape[0]
-    for j in range(hidden):
-        gi = sigmoid(a[j] + bias[j])
-        gf = sigmoid(a[hidden + j] + bias[hidden + j])
-        gg = tanh(a[2 * hidden + j] + bias[2 * hidden + j])
+    for j in range(c_prev.shape[0]):
+        gi = sigmoid(ai[j] + bi[j])
+        gf = sigmoid(af[j] + bf[j])
+        gg = tanh(ag[j] + bg[j])
         c_next[j] = gf * c_prev[j] + gi * gg
-        a[j] = gi
-        a[hidden + j] = gf
-        a[2 * hidden + j] = gg
+        ai[j] = gi
+        af[j] = gf
+        ag[j] = gg
 
 
 @jit
-def _gates_forward_o(a, c_next, m, o_extra, bias):
-    """Full-peephole step, second half: o from c_t W_ch[o]^T, then m = o tanh(c_t)."""
-    hidden = c_next.shape[0]
-    for j in range(hidden):
-        go = sigmoid(a[3 * hidden + j] + bias[3 * hidden + j] + o_extra[j])
+def _gates_forward_o(ao, c_next, m, bo):
+    """Full-peephole step, second half: ao already holds c_t W_ch[o]^T; m = o tanh(c_t)."""
+    for j in range(c_next.shape[0]):
+        go = sigmoid(ao[j] + bo[j])
         m[j] = go * tanh(c_next[j])
-        a[3 * hidden + j] = go
+        ao[j] = go
 
 
 @jit
-def _gates_backward(a, dc, dm, c_t, c_prev, p_i, p_f, p_o):
+def _gates_backward(ai, af, ag, ao, dc, dm, c_t, c_prev, p_i, p_f, p_o):
     """Plain or diagonal-peephole step backward for one row.
 
-    In: a holds the gates i, f, g, o; dc holds dL/dc_t from later steps; dm = dL/dm_t.
-    Out: a holds dL/da; dc holds dL/dc_{t-1}.
+    In: the blocks hold the gates i, f, g, o; dc holds dL/dc_t from later steps; dm = dL/dm_t.
+    Out: the blocks hold dL/da; dc holds dL/dc_{t-1}.
     """
-    hidden = c_t.shape[0]
-    unit = one(a[0])
-    for j in range(hidden):
-        gi = a[j]
-        gf = a[hidden + j]
-        gg = a[2 * hidden + j]
-        go = a[3 * hidden + j]
+    unit = one(ai[0])
+    for j in range(c_t.shape[0]):
+        gi = ai[j]
+        gf = af[j]
+        gg = ag[j]
+        go = ao[j]
         tc = tanh(c_t[j])
         dmj = dm[j]
         da_o = dmj * tc * (go - go * go)  # m = o tanh(c): through o
@@ -154,37 +160,35 @@ def _gates_backward(a, dc, dm, c_t, c_prev, p_i, p_f, p_o):
         da_f = dct * c_prev[j] * (gf - gf * gf)
         da_g = dct * gi * (unit - gg * gg)
         dc[j] = dct * gf + da_i * p_i[j] + da_f * p_f[j]  # c_{t-1} feeds c_t, i and f
-        a[j] = da_i
-        a[hidden + j] = da_f
-        a[2 * hidden + j] = da_g
-        a[3 * hidden + j] = da_o
+        ai[j] = da_i
+        af[j] = da_f
+        ag[j] = da_g
+        ao[j] = da_o
 
 
 @jit
-def _gates_backward_o(a, dc, dm, c_t):
+def _gates_backward_o(ao, dc, dm, c_t):
     """Full-peephole backward, first half: dL/da_o, and dL/dc_t except via W_ch[o]."""
-    hidden = c_t.shape[0]
-    unit = one(a[0])
-    for j in range(hidden):
-        go = a[3 * hidden + j]
+    unit = one(ao[0])
+    for j in range(c_t.shape[0]):
+        go = ao[j]
         tc = tanh(c_t[j])
-        a[3 * hidden + j] = dm[j] * tc * (go - go * go)
+        ao[j] = dm[j] * tc * (go - go * go)
         dc[j] += dm[j] * go * (unit - tc * tc)
 
 
 @jit
-def _gates_backward_ifg(a, dc, c_prev):
+def _gates_backward_ifg(ai, af, ag, dc, c_prev):
     """Full-peephole backward, second half: dL/da_ifg; dc becomes dL/dc_{t-1} but W_ch."""
-    hidden = c_prev.shape[0]
-    unit = one(a[0])
-    for j in range(hidden):
-        gi = a[j]
-        gf = a[hidden + j]
-        gg = a[2 * hidden + j]
+    unit = one(ai[0])
+    for j in range(c_prev.shape[0]):
+        gi = ai[j]
+        gf = af[j]
+        gg = ag[j]
         dct = dc[j]
-        a[j] = dct * gg * (gi - gi * gi)
-        a[hidden + j] = dct * c_prev[j] * (gf - gf * gf)
-        a[2 * hidden + j] = dct * gi * (unit - gg * gg)
+        ai[j] = dct * gg * (gi - gi * gi)
+        af[j] = dct * c_prev[j] * (gf - gf * gf)
+        ag[j] = dct * gi * (unit - gg * gg)
         dc[j] = dct * gf
 
 
@@ -211,9 +215,8 @@ def _forward_rows(
     h_new = np.empty_like(h)
     c_new = np.empty_like(c)
     m_proj = np.empty((rows if has_proj else 0, hidden), dtype=c.dtype)
-    o_extra = np.empty((rows if full else 0, hidden), dtype=c.dtype)
     w_hh_d = w_hh[d]
-    bias_d = bias[d]
+    bi, bf, bg, bo = _blocks(bias[d], hidden)
     p_i = peep[d, 0]
     p_f = peep[d, 1]
     p_o = peep[d, 2]
@@ -228,20 +231,22 @@ def _forward_rows(
             hprev[d, t, b0:b1] = h
         for r in range(rows):
             if t < lengths[b0 + r]:
-                a = xp[t, b0 + r, col : col + gates]
+                ai, af, ag, ao = _blocks(xp[t, b0 + r, col : col + gates], hidden)
                 if full:
-                    _gates_forward_ifg(a, c[r], c_new[r], bias_d)
+                    _gates_forward_ifg(ai, af, ag, c[r], c_new[r], bi, bf, bg)
                 else:
-                    _gates_forward(a, c[r], c_new[r], m[r], bias_d, p_i, p_f, p_o)
+                    _gates_forward(
+                        ai, af, ag, ao, c[r], c_new[r], m[r], bi, bf, bg, bo, p_i, p_f, p_o
+                    )
             else:
                 c_new[r] = c[r]
                 m[r] = 0
         if full:
-            _matmul_abt(o_extra, c_new, w_ch[d, 3 * hidden :], False)
+            _matmul_abt(pre[:, 3 * hidden :], c_new, w_ch[d, 3 * hidden :], True)
             for r in range(rows):
                 if t < lengths[b0 + r]:
-                    a = xp[t, b0 + r, col : col + gates]
-                    _gates_forward_o(a, c_new[r], m[r], o_extra[r], bias_d)
+                    ao = xp[t, b0 + r, col + 3 * hidden : col + gates]
+                    _gates_forward_o(ao, c_new[r], m[r], bo)
         if has_proj:
             _matmul_abt(h_new, m, w_hr[d], False)
         for r in range(rows):
@@ -301,11 +306,13 @@ def _backward_rows(
         for r in range(rows):
             a = xp[t, b0 + r, col : col + gates]
             if t < lengths[b0 + r]:
-                c_prev = cstate[d, t_prev, b0 + r] if 0 <= t_prev < steps else c0[d, b0 + r]
+                ai, af, ag, ao = _blocks(a, hidden)
+                c_t = cstate[d, t, b0 + r]
                 if full:
-                    _gates_backward_o(a, dc[r], dm[r], cstate[d, t, b0 + r])
+                    _gates_backward_o(ao, dc[r], dm[r], c_t)
                 else:
-                    _gates_backward(a, dc[r], dm[r], cstate[d, t, b0 + r], c_prev, p_i, p_f, p_o)
+                    c_prev = cstate[d, t_prev, b0 + r] if 0 <= t_prev < steps else c0[d, b0 + r]
+                    _gates_backward(ai, af, ag, ao, dc[r], dm[r], c_t, c_prev, p_i, p_f, p_o)
             else:
                 a[:] = 0  # no gradient flows into a padded step
         pre = xp[t, b0:b1, col : col + gates]
@@ -313,9 +320,9 @@ def _backward_rows(
             _matmul_ab(dc, pre[:, 3 * hidden :], w_ch[d, 3 * hidden :], True)
             for r in range(rows):
                 if t < lengths[b0 + r]:
-                    a = xp[t, b0 + r, col : col + gates]
+                    ai, af, ag, _ = _blocks(xp[t, b0 + r, col : col + gates], hidden)
                     c_prev = cstate[d, t_prev, b0 + r] if 0 <= t_prev < steps else c0[d, b0 + r]
-                    _gates_backward_ifg(a, dc[r], c_prev)
+                    _gates_backward_ifg(ai, af, ag, dc[r], c_prev)
             _matmul_ab(dc, pre[:, : 3 * hidden], w_ch[d, : 3 * hidden], True)
         _matmul_ab(dh_next, pre, w_hh[d], False)
         for r in range(rows):

@@ -166,3 +166,27 @@ def gemm_ab(c, a, b, beta):
         c,
         _row_stride(c),
     )
+
+
+@jit
+def gemm_atb(c, a, b, beta):
+    """c = a.T @ b + beta * c for a (K, M), b (K, N), c (M, N): sums over the rows of a and b."""
+    k, m = a.shape
+    n = b.shape[1]
+    if m == 0 or n == 0:
+        return
+    _xgemm(
+        _NO_TRANS,
+        _TRANS,
+        n,
+        m,
+        k,
+        1.0,
+        b,
+        _row_stride(b),
+        a,
+        _row_stride(a),
+        beta,
+        c,
+        _row_stride(c),
+    )

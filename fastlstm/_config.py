@@ -18,9 +18,12 @@ FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 # products: below it, waking the threads costs more than it saves.
 PARALLEL_MIN_MACS = 4_000_000
 
-# Below this many multiply-adds per step and row, the recurrent product is done by a
-# hand-written loop instead of a BLAS call (the call's own overhead dominates tiny sizes).
-SMALL_RECURRENT_MACS = 4096
+# Products whose work per row (multiply-adds) is at most this are done row by row by
+# hand-written loops over all 4H gate columns at once, instead of per-gate BLAS calls:
+# OpenBLAS spends microseconds per call on tiny matrices (and may wake its threads).
+# Per row: P x 4H for the recurrent product, I x 4H for the input projection,
+# 4H x (I + P) for the weight gradients.
+SMALL_ROW_MACS = 4096
 
 
 def jit(*args, parallel: bool = False, **kwargs):

@@ -39,10 +39,10 @@ class LayerArrays:
 
 @dataclass
 class LayerCache:
-    inputs: np.ndarray  # (T, B, I_k) what the layer read (after dropout)
-    xp: np.ndarray  # (T, B, D*G) gates after forward, dL/da after backward
+    inputs: np.ndarray  # (T*B, I_k) what the layer read (after dropout)
+    xp: np.ndarray  # (D, 4, T, B*H) gates after forward, dL/da after backward
     hprev: np.ndarray  # (D, T, B, P)
-    cstate: np.ndarray  # (D, T, B, H)
+    cstate: np.ndarray  # (D, T, B*H)
     mstore: np.ndarray  # (D, T, B, H) with projection, else empty
     h0: np.ndarray  # (D, B, P)
     c0: np.ndarray  # (D, B, H)
@@ -60,22 +60,23 @@ def _phase(timings: dict[str, float] | None, name: str):
     timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
 
 
-def _empty(dtype, ndim):
-    return np.zeros((0,) * ndim, dtype=dtype)
+def _empty(dtype, ndim: int) -> np.ndarray:
+    return np.zeros((0,) * ndim, dtype)
 
 
-def _kernel_weights(layer: LayerArrays, hidden: int):
-    """The weight arguments the kernels take, with empty/zero stand-ins for absent ones."""
-    directions, _, _ = layer.w_hh.shape
-    dtype = layer.w_hh.dtype
-    w_hr = layer.w_hr if layer.w_hr is not None else np.zeros((directions, 0, 0), dtype)
-    peep = layer.peep if layer.peep is not None else np.zeros((directions, 3, hidden), dtype)
-    w_ch = layer.w_ch if layer.w_ch is not None else np.zeros((directions, 0, 0), dtype)
-    bias = np.zeros((directions, 4 * hidden), dtype)
+def _optional(array: np.ndarray | None, directions: int, dtype) -> np.ndarray:
+    """The array, or the empty (D, 0, 0) stand-in kernels take for an absent option."""
+    return array if array is not None else np.zeros((directions, 0, 0), dtype)
+
+
+def _summed_bias(layer: LayerArrays) -> np.ndarray:
+    """b_ih + b_hh (+ b_ch): every bias adds to the same pre-activation."""
+    directions, gates, _ = layer.w_hh.shape
+    bias = np.zeros((directions, gates), layer.w_hh.dtype)
     for part in (layer.b_ih, layer.b_hh, layer.b_ch):
         if part is not None:
             bias += part
-    return w_hr, peep, w_ch, bias
+    return bias
 
 
 def _plan(steps: int, batch: int, directions: int, gates: int, out_size: int):
@@ -125,22 +126,24 @@ def forward(
     kernel = _kernels.layer_forward_parallel if parallel else _kernels.layer_forward_serial
     for k, layer in enumerate(layers):
         width = layer_in.shape[2]
-        w_ih = layer.w_ih.reshape(directions * gates, width)
+        inputs = layer_in.reshape(steps * batch, width)
+        xp = np.empty((directions, 4, steps, batch * hidden), dtype)
         with _phase(timings, "input_gemm"):
-            xp = (layer_in.reshape(steps * batch, width) @ w_ih.T).reshape(steps, batch, -1)
+            _kernels.project_inputs(xp, inputs, layer.w_ih, _summed_bias(layer))
         out = np.empty((steps, batch, directions * out_size), dtype)
-        w_hr, peep, w_ch, bias = _kernel_weights(layer, hidden)
         if training:
             hprev = np.empty((directions, steps, batch, out_size), dtype)
-            cstate = np.empty((directions, steps, batch, hidden), dtype)
+            cstate = np.empty((directions, steps, batch * hidden), dtype)
             has_proj = layer.w_hr is not None
             mstore = np.empty((directions, steps, batch, hidden) if has_proj else (0,) * 4, dtype)
         else:
-            hprev = cstate = mstore = _empty(dtype, 4)
+            hprev, cstate, mstore = _empty(dtype, 4), _empty(dtype, 3), _empty(dtype, 4)
         rows = slice(k * directions, (k + 1) * directions)
         args = (
-            out, h_n[rows], c_n[rows], xp, hprev, cstate, mstore,
-            h0[rows], c0[rows], layer.w_hh, w_hr, peep, w_ch, bias, lengths, chunks, training,
+            out, h_n[rows], c_n[rows], xp, hprev, cstate, mstore, h0[rows], c0[rows],
+            layer.w_hh, _optional(layer.w_hr, directions, dtype),
+            _optional(layer.peep, directions, dtype), _optional(layer.w_ch, directions, dtype),
+            lengths, chunks, training,
         )  # fmt: skip
         with _phase(timings, "time_loop"):
             _run(kernel, args, parallel)
@@ -151,7 +154,7 @@ def forward(
                 scale = 0.0 if dropout >= 1 else 1.0 / (1.0 - dropout)
                 mask = (keep * scale).astype(dtype)
         if training:
-            caches.append(LayerCache(layer_in, xp, hprev, cstate, mstore, h0[rows], c0[rows], mask))
+            caches.append(LayerCache(inputs, xp, hprev, cstate, mstore, h0[rows], c0[rows], mask))
         layer_in = out * mask if mask is not None else out
     return out, h_n, c_n, caches
 
@@ -184,66 +187,42 @@ def backward(
     d_layer_out = dout
     for k in range(len(layers) - 1, -1, -1):
         layer, grad, cache = layers[k], grads[k], caches[k]
-        w_hr, peep, w_ch, _ = _kernel_weights(layer, hidden)
         has_proj = layer.w_hr is not None
-        dhstore = np.empty(
-            (directions, steps, batch, out_size) if has_proj else (0,) * 4, dtype
-        )
+        dhstore = np.empty((directions, steps, batch, out_size) if has_proj else (0,) * 4, dtype)
         rows = slice(k * directions, (k + 1) * directions)
         args = (
             cache.xp, dh0[rows], dc0[rows], dhstore, np.ascontiguousarray(d_layer_out),
             dh_n[rows], dc_n[rows], cache.cstate, cache.c0,
-            layer.w_hh, w_hr, peep, w_ch, lengths, chunks,
+            layer.w_hh, _optional(layer.w_hr, directions, dtype),
+            _optional(layer.peep, directions, dtype), _optional(layer.w_ch, directions, dtype),
+            lengths, chunks,
         )  # fmt: skip
         with _phase(timings, "backward_time_loop"):
             _run(kernel, args, parallel)
         with _phase(timings, "weight_gradients"):
-            d_layer_in = _weight_gradients(layer, grad, cache, dhstore, hidden)
+            d_layer_in = _weight_gradients(layer, grad, cache, dhstore)
         if k > 0:
             below = caches[k - 1].mask
+            d_layer_in = d_layer_in.reshape(steps, batch, -1)
             d_layer_out = d_layer_in * below if below is not None else d_layer_in
-    return d_layer_in, dh0, dc0
+    return d_layer_in.reshape(steps, batch, -1), dh0, dc0
 
 
-def _weight_gradients(layer, grad, cache, dhstore, hidden):
-    """All weight gradients of one layer as large GEMMs over every step; returns dL/dinput."""
-    steps, batch, width = cache.inputs.shape
-    directions, gates, out_size = layer.w_hh.shape
-    rows = steps * batch
-    da = cache.xp.reshape(rows, directions * gates)  # dL/da, both directions side by side
-    inputs = cache.inputs.reshape(rows, width)
-    grad.w_ih.reshape(directions * gates, width)[...] += da.T @ inputs
-    d_inputs = (da @ layer.w_ih.reshape(directions * gates, width)).reshape(steps, batch, width)
-    bias_grad = da.sum(axis=0).reshape(directions, gates)
+def _weight_gradients(layer, grad, cache, dhstore):
+    """All weight gradients of one layer, added into ``grad``; returns dL/dinput (T*B, I)."""
+    directions, gates, _ = layer.w_hh.shape
+    dtype = layer.w_hh.dtype
+    inputs = cache.inputs
+    d_inputs = np.empty_like(inputs)
+    bias_grad = np.zeros((directions, gates), dtype)
+    _kernels.weight_gradients(
+        d_inputs, grad.w_ih, grad.w_hh, bias_grad,
+        _optional(grad.w_hr, directions, dtype), _optional(grad.peep, directions, dtype),
+        _optional(grad.w_ch, directions, dtype),
+        cache.xp, inputs, cache.hprev, cache.cstate, cache.c0, cache.mstore, dhstore,
+        layer.w_ih,
+    )  # fmt: skip
     for part in (grad.b_ih, grad.b_hh, grad.b_ch):
         if part is not None:
             part += bias_grad
-    need_cprev = layer.peep is not None or layer.w_ch is not None
-    for d in range(directions):
-        da_d = da[:, d * gates : (d + 1) * gates]
-        grad.w_hh[d] += da_d.T @ cache.hprev[d].reshape(rows, out_size)
-        if layer.w_hr is not None:
-            grad.w_hr[d] += dhstore[d].reshape(rows, out_size).T @ cache.mstore[d].reshape(
-                rows, hidden
-            )
-        if not need_cprev:
-            continue
-        c_t = cache.cstate[d].reshape(rows, hidden)
-        c_prev = _previous_cells(cache.cstate[d], cache.c0[d], reverse=d == 1).reshape(
-            rows, hidden
-        )
-        if layer.peep is not None:
-            grad.peep[d, 0] += np.einsum("rh,rh->h", da_d[:, :hidden], c_prev)
-            grad.peep[d, 1] += np.einsum("rh,rh->h", da_d[:, hidden : 2 * hidden], c_prev)
-            grad.peep[d, 2] += np.einsum("rh,rh->h", da_d[:, 3 * hidden :], c_t)
-        if layer.w_ch is not None:
-            grad.w_ch[d, : 3 * hidden] += da_d[:, : 3 * hidden].T @ c_prev
-            grad.w_ch[d, 3 * hidden :] += da_d[:, 3 * hidden :].T @ c_t
     return d_inputs
-
-
-def _previous_cells(cstate: np.ndarray, c0: np.ndarray, *, reverse: bool) -> np.ndarray:
-    """c_{t-1} for every step t in the direction's own order (c0 before the first step)."""
-    if reverse:
-        return np.concatenate([cstate[1:], c0[None]], axis=0)
-    return np.concatenate([c0[None], cstate[:-1]], axis=0)

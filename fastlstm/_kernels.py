@@ -1,4 +1,4 @@
-"""Numba kernels: the time loops of one LSTM layer, forward and backward, both directions.
+"""Numba kernels: input projection, the time loops of one LSTM layer, and weight gradients.
 
 Equations (one direction; gate order i, f, g, o as in PyTorch; row vectors, batch rows):
 
@@ -8,28 +8,32 @@ Equations (one direction; gate order i, f, g, o as in PyTorch; row vectors, batc
     i = sigmoid(a_i)  f = sigmoid(a_f)  g = tanh(a_g)  o = sigmoid(a_o)
     c_t = f c_{t-1} + i g       m_t = o tanh(c_t)       h_t = m_t W_hr^T (projection) or m_t
 
-The input part ``x_t W_ih^T`` of every step comes in precomputed (one large GEMM outside);
-each step here does the recurrent GEMM straight into that block (``beta = 1``) and one
-fused, vectorised pass over the gate math. Nothing is allocated inside a time loop.
+Layout. Gate values are kept *gate-major*: ``xp[d, gate, t]`` is one contiguous vector of
+B*H values (row b at b*H). So for any chunk of batch rows, each gate block of a step is a
+single contiguous slice, the gate math is a few long flat loops per step (AVX2 after
+LLVM's runtime alias checks, paid once per step rather than per row), and each recurrent
+product writes its gate block with one BLAS call (``beta = 1``, straight onto the input
+projection). Nothing is allocated inside a time loop.
 
 Conventions: kernels never validate; outputs first, then inputs, then sizes and flags.
-All arrays are C-contiguous in the model's dtype; optional weights are empty arrays.
+Arrays are C-contiguous in the model's dtype; optional weights are empty arrays.
 Sizes: T steps, B batch rows, H hidden, P = H_out (projection size or H), G = 4H, D directions.
 
-    xp      (T, B, D*G)  in: x_t W_ih^T per direction block; forward leaves the activated
-                         gates there (training keeps them); backward overwrites it with dL/da
-    out     (T, B, D*P)  layer output (zero at padded steps)
-    h0, h_n (D, B, P)    c0, c_n (D, B, H)
-    w_hh    (D, G, P)    w_hr (D, P, H) or (D, 0, 0)      bias (D, G), all biases summed
-    peep    (D, 3, H)    rows i, f, o; zeros when the layer has no diagonal peephole
-    w_ch    (D, G, H) or (D, 0, 0)
-    lengths (B,) int64   steps t >= lengths[b] are padding: state carried, output zero
-    hprev   (D, T, B, P) training: the state each step started from (for dW_hh)
-    cstate  (D, T, B, H) training: the cell after each step
-    mstore  (D, T, B, H) training with projection: m_t (for dW_hr)
-    dhstore (D, T, B, P) backward with projection: dL/dh_t (for dW_hr)
+    xp      (D, 4, T, B*H) forward: input projection + bias in, activated gates out;
+                           backward: overwritten with dL/da
+    out     (T, B, D*P)    layer output (zero at padded steps)
+    h0, h_n (D, B, P)      c0, c_n (D, B, H)
+    w_ih    (D, G, I)      w_hh (D, G, P)     w_hr (D, P, H) or (D, 0, 0)
+    peep    (D, 3, H) or (D, 0, 0)   rows i, f, o        w_ch (D, G, H) or (D, 0, 0)
+    lengths (B,) int64     steps t >= lengths[b] are padding: state carried, output zero
+    hprev   (D, T, B, P)   training: the state each step started from (for dW_hh)
+    cstate  (D, T, B*H)    training: the cell after each step
+    mstore  (D, T, B, H)   training with projection: m_t (for dW_hr)
+    dhstore (D, T, B, P)   backward with projection: dL/dh_t (for dW_hr)
 
-Direction d = 1 runs t = T-1 down to 0, each sequence over its own valid steps.
+Direction d = 1 runs t = T-1 down to 0, each sequence over its own valid steps. Padded
+rows are computed like the others (their inputs are zero) and then put back: the state is
+carried, the output zeroed, and in backward their gradient is dropped.
 """
 
 from __future__ import annotations
@@ -38,8 +42,8 @@ import numpy as np
 from numba import prange
 
 from fastlstm._activations import one, sigmoid, tanh
-from fastlstm._blas import gemm_ab, gemm_abt
-from fastlstm._config import SMALL_RECURRENT_MACS, jit
+from fastlstm._blas import gemm_ab, gemm_abt, gemm_atb
+from fastlstm._config import SMALL_ROW_MACS, jit
 
 # ----------------------------------------------------------------------------- products
 
@@ -49,7 +53,7 @@ def _matmul_abt(c, a, b, accumulate):
     """c = a @ b.T (+ c if accumulate); a hand-written loop when the product is tiny."""
     m, k = a.shape
     n = b.shape[0]
-    if k * n > SMALL_RECURRENT_MACS:
+    if k * n > SMALL_ROW_MACS:
         gemm_abt(c, a, b, 1.0 if accumulate else 0.0)
         return
     for r in range(m):
@@ -67,7 +71,7 @@ def _matmul_ab(c, a, b, accumulate):
     """c = a @ b (+ c if accumulate); a hand-written loop when the product is tiny."""
     m, k = a.shape
     n = b.shape[1]
-    if k * n > SMALL_RECURRENT_MACS:
+    if k * n > SMALL_ROW_MACS:
         gemm_ab(c, a, b, 1.0 if accumulate else 0.0)
         return
     for r in range(m):
@@ -81,34 +85,108 @@ def _matmul_ab(c, a, b, accumulate):
 
 
 @jit
-def _add_into(dst, src):
-    for j in range(dst.shape[0]):
-        dst[j] += src[j]
+def _transpose(w):
+    """A C-contiguous transposed copy (the small-size loops want the long axis innermost)."""
+    rows, cols = w.shape
+    out = np.empty((cols, rows), dtype=w.dtype)
+    for r in range(rows):
+        for q in range(cols):
+            out[q, r] = w[r, q]
+    return out
+
+
+@jit
+def _small_product_into_gates(xp, d, t, lo, hidden, src, w_t, g0, g1, row_sum):
+    """Tiny sizes: xp[d, g0:g1, t] += src @ w_t[:, g0*H:g1*H], all gates of a row at once.
+
+    src (rows, K); w_t (K, 4H) the transposed weights; row_sum (4H,) scratch. The inner
+    loop runs over every gate column of a row, long enough to vectorise when H is small.
+    """
+    rows, inner = src.shape
+    c0 = g0 * hidden
+    c1 = g1 * hidden
+    for r in range(rows):
+        for col in range(c0, c1):
+            row_sum[col] = 0
+        for q in range(inner):
+            coef = src[r, q]
+            w_row = w_t[q]
+            for col in range(c0, c1):
+                row_sum[col] += coef * w_row[col]
+        for g in range(g0, g1):
+            block = xp[d, g, t, lo + r * hidden : lo + (r + 1) * hidden]
+            for j in range(hidden):
+                block[j] += row_sum[g * hidden + j]
+
+
+@jit
+def _small_recurrent_grad(dh_next, xp, d, t, lo, hidden, w_hh_t, row_grad):
+    """Tiny sizes: dh_next = sum_g dL/da_g @ W_hh[g]: per row, 4H-long dot products."""
+    rows, out_size = dh_next.shape
+    gates = 4 * hidden
+    for r in range(rows):
+        for g in range(4):
+            block = xp[d, g, t, lo + r * hidden : lo + (r + 1) * hidden]
+            for j in range(hidden):
+                row_grad[g * hidden + j] = block[j]
+        for q in range(out_size):
+            w_row = w_hh_t[q]
+            acc = row_grad[0] * 0
+            for col in range(gates):
+                acc += row_grad[col] * w_row[col]
+            dh_next[r, q] = acc
+
+
+@jit
+def _matmul_atb(c, a, b):
+    """c += a.T @ b for a (K, M), b (K, N): sums over rows; by hand when tiny per row."""
+    k, m = a.shape
+    n = b.shape[1]
+    if m * n > SMALL_ROW_MACS:
+        gemm_atb(c, a, b, 1.0)
+        return
+    for r in range(k):
+        for i in range(m):
+            coef = a[r, i]
+            for col in range(n):
+                c[i, col] += coef * b[r, col]
+
+
+@jit
+def _tile_rows(vector, rows):
+    """(rows * len(vector),) with ``vector`` repeated: per-unit weights for flat loops."""
+    size = vector.shape[0]
+    tiled = np.empty(rows * size, dtype=vector.dtype)
+    for r in range(rows):
+        for j in range(size):
+            tiled[r * size + j] = vector[j]
+    return tiled
+
+
+@jit
+def _tiled_peepholes(peep, d, rows):
+    """Direction d's diagonal peepholes tiled over ``rows`` (empty when there are none)."""
+    if peep.shape[1] == 0:
+        empty = np.empty(0, dtype=peep.dtype)
+        return empty, empty, empty
+    return _tile_rows(peep[d, 0], rows), _tile_rows(peep[d, 1], rows), _tile_rows(peep[d, 2], rows)
 
 
 # ------------------------------------------------------------------------ gate passes
-# Each pass takes the four gate blocks of a row as separate 1-D views. Indexing one 4H
-# array at j, H + j, 2H + j, 3H + j while writing it defeats LLVM's dependence analysis
-# (the offsets are symbolic) and the loop stays scalar; separate views get runtime alias
-# checks instead, and the loops become AVX2 code.
+# Flat loops over every unit of a batch chunk. Each gate block is its own 1-D view: one
+# array indexed at j, H + j, ... while being written would defeat LLVM's dependence
+# analysis and keep the loop scalar.
 
 
 @jit
-def _blocks(v, hidden):
-    """The i, f, g, o blocks of a 4H vector as four views."""
-    return v[:hidden], v[hidden : 2 * hidden], v[2 * hidden : 3 * hidden], v[3 * hidden :]
-
-
-@jit
-def _gates_forward(ai, af, ag, ao, c_prev, c_next, m, bi, bf, bg, bo, p_i, p_f, p_o):
-    """Plain or diagonal-peephole step for one row: pre-activations in, gates out."""
+def _gates_forward(ai, af, ag, ao, c_prev, c_next, m):
+    """Plain step: pre-activations in, gates out; c_next and m = o tanh(c_next)."""
     for j in range(c_prev.shape[0]):
-        cp = c_prev[j]
-        gi = sigmoid(ai[j] + bi[j] + p_i[j] * cp)
-        gf = sigmoid(af[j] + bf[j] + p_f[j] * cp)
-        gg = tanh(ag[j] + bg[j])
-        cc = gf * cp + gi * gg
-        go = sigmoid(ao[j] + bo[j] + p_o[j] * cc)
+        gi = sigmoid(ai[j])
+        gf = sigmoid(af[j])
+        gg = tanh(ag[j])
+        cc = gf * c_prev[j] + gi * gg
+        go = sigmoid(ao[j])
         c_next[j] = cc
         m[j] = go * tanh(cc)
         ai[j] = gi
@@ -118,12 +196,30 @@ def _gates_forward(ai, af, ag, ao, c_prev, c_next, m, bi, bf, bg, bo, p_i, p_f, 
 
 
 @jit
-def _gates_forward_ifg(ai, af, ag, c_prev, c_next, bi, bf, bg):
-    """Full-peephole step, first half: i, f, g and the new cell (o needs W_ch c_t)."""
+def _gates_forward_diagonal(ai, af, ag, ao, c_prev, c_next, m, p_i, p_f, p_o):
+    """Diagonal-peephole step (p_* tiled over the rows)."""
     for j in range(c_prev.shape[0]):
-        gi = sigmoid(ai[j] + bi[j])
-        gf = sigmoid(af[j] + bf[j])
-        gg = tanh(ag[j] + bg[j])
+        cp = c_prev[j]
+        gi = sigmoid(ai[j] + p_i[j] * cp)
+        gf = sigmoid(af[j] + p_f[j] * cp)
+        gg = tanh(ag[j])
+        cc = gf * cp + gi * gg
+        go = sigmoid(ao[j] + p_o[j] * cc)
+        c_next[j] = cc
+        m[j] = go * tanh(cc)
+        ai[j] = gi
+        af[j] = gf
+        ag[j] = gg
+        ao[j] = go
+
+
+@jit
+def _gates_forward_ifg(ai, af, ag, c_prev, c_next):
+    """Full-peephole step, first half: i, f, g and the new cell (o needs c_t W_ch[o]^T)."""
+    for j in range(c_prev.shape[0]):
+        gi = sigmoid(ai[j])
+        gf = sigmoid(af[j])
+        gg = tanh(ag[j])
         c_next[j] = gf * c_prev[j] + gi * gg
         ai[j] = gi
         af[j] = gf
@@ -131,39 +227,52 @@ def _gates_forward_ifg(ai, af, ag, c_prev, c_next, bi, bf, bg):
 
 
 @jit
-def _gates_forward_o(ao, c_next, m, bo):
-    """Full-peephole step, second half: ao already holds c_t W_ch[o]^T; m = o tanh(c_t)."""
+def _gates_forward_o(ao, c_next, m):
+    """Full-peephole step, second half: ao already holds its W_ch term; m = o tanh(c_t)."""
     for j in range(c_next.shape[0]):
-        go = sigmoid(ao[j] + bo[j])
+        go = sigmoid(ao[j])
         m[j] = go * tanh(c_next[j])
         ao[j] = go
 
 
 @jit
 def _gates_backward(ai, af, ag, ao, dc, dm, c_t, c_prev, p_i, p_f, p_o):
-    """Plain or diagonal-peephole step backward for one row.
+    """Plain or diagonal-peephole step backward (p_* empty when there are no peepholes).
 
     In: the blocks hold the gates i, f, g, o; dc holds dL/dc_t from later steps; dm = dL/dm_t.
     Out: the blocks hold dL/da; dc holds dL/dc_{t-1}.
     """
     unit = one(ai[0])
+    if p_i.shape[0] == 0:
+        for j in range(c_t.shape[0]):
+            gi = ai[j]
+            gf = af[j]
+            gg = ag[j]
+            go = ao[j]
+            tc = tanh(c_t[j])
+            da_o = dm[j] * tc * (go - go * go)  # m = o tanh(c): through o
+            dct = dc[j] + dm[j] * go * (unit - tc * tc)  # and through c_t
+            ai[j] = dct * gg * (gi - gi * gi)
+            af[j] = dct * c_prev[j] * (gf - gf * gf)
+            ag[j] = dct * gi * (unit - gg * gg)
+            ao[j] = da_o
+            dc[j] = dct * gf  # c_{t-1} feeds c_t through f
+        return
     for j in range(c_t.shape[0]):
         gi = ai[j]
         gf = af[j]
         gg = ag[j]
         go = ao[j]
         tc = tanh(c_t[j])
-        dmj = dm[j]
-        da_o = dmj * tc * (go - go * go)  # m = o tanh(c): through o
-        dct = dc[j] + dmj * go * (unit - tc * tc) + da_o * p_o[j]  # and through c_t
+        da_o = dm[j] * tc * (go - go * go)
+        dct = dc[j] + dm[j] * go * (unit - tc * tc) + da_o * p_o[j]  # o also sees c_t
         da_i = dct * gg * (gi - gi * gi)
         da_f = dct * c_prev[j] * (gf - gf * gf)
-        da_g = dct * gi * (unit - gg * gg)
-        dc[j] = dct * gf + da_i * p_i[j] + da_f * p_f[j]  # c_{t-1} feeds c_t, i and f
         ai[j] = da_i
         af[j] = da_f
-        ag[j] = da_g
+        ag[j] = dct * gi * (unit - gg * gg)
         ao[j] = da_o
+        dc[j] = dct * gf + da_i * p_i[j] + da_f * p_f[j]  # and i, f see c_{t-1}
 
 
 @jit
@@ -198,71 +307,91 @@ def _gates_backward_ifg(ai, af, ag, dc, c_prev):
 @jit
 def _forward_rows(
     out, h_n, c_n, xp, hprev, cstate, mstore,
-    h0, c0, w_hh, w_hr, peep, w_ch, bias, lengths, d, b0, b1, training,
+    h0, c0, w_hh, w_hr, peep, w_ch, lengths, d, b0, b1, training,
 ):  # fmt: skip
     """Direction d of one layer for batch rows b0..b1, over all steps."""
-    steps = xp.shape[0]
+    steps = xp.shape[2]
     hidden = c0.shape[2]
     out_size = h0.shape[2]
-    gates = 4 * hidden
     rows = b1 - b0
+    units = rows * hidden
+    lo = b0 * hidden
+    hi = b1 * hidden
     has_proj = w_hr.shape[1] > 0
+    diagonal = peep.shape[1] > 0
     full = w_ch.shape[1] > 0
-    col = d * gates
     ocol = d * out_size
+    padded = False
+    for r in range(rows):
+        padded = padded or lengths[b0 + r] < steps
     h = h0[d, b0:b1].copy()
-    c = c0[d, b0:b1].copy()
     h_new = np.empty_like(h)
+    c = c0[d, b0:b1].copy().reshape(units)
     c_new = np.empty_like(c)
     m_proj = np.empty((rows if has_proj else 0, hidden), dtype=c.dtype)
+    p_i, p_f, p_o = _tiled_peepholes(peep, d, rows)
     w_hh_d = w_hh[d]
-    bi, bf, bg, bo = _blocks(bias[d], hidden)
-    p_i = peep[d, 0]
-    p_f = peep[d, 1]
-    p_o = peep[d, 2]
+    small = out_size * 4 * hidden <= SMALL_ROW_MACS
+    w_hh_t = _transpose(w_hh_d) if small else np.empty((0, 0), dtype=c.dtype)
+    w_ch_t = _transpose(w_ch[d]) if small and full else np.empty((0, 0), dtype=c.dtype)
+    row_sum = np.empty(4 * hidden, dtype=c.dtype)
     for s in range(steps):
         t = steps - 1 - s if d == 1 else s
         m = m_proj if has_proj else h_new
-        pre = xp[t, b0:b1, col : col + gates]
-        _matmul_abt(pre, h, w_hh_d, True)
-        if full:
-            _matmul_abt(pre[:, : 3 * hidden], c, w_ch[d, : 3 * hidden], True)
+        ai = xp[d, 0, t, lo:hi]
+        af = xp[d, 1, t, lo:hi]
+        ag = xp[d, 2, t, lo:hi]
+        ao = xp[d, 3, t, lo:hi]
+        c2 = c.reshape((rows, hidden))
+        if small:
+            _small_product_into_gates(xp, d, t, lo, hidden, h, w_hh_t, 0, 4, row_sum)
+            if full:
+                _small_product_into_gates(xp, d, t, lo, hidden, c2, w_ch_t, 0, 3, row_sum)
+        else:
+            for g in range(4):
+                block = xp[d, g, t, lo:hi].reshape((rows, hidden))
+                gemm_abt(block, h, w_hh_d[g * hidden : (g + 1) * hidden], 1.0)
+                if full and g < 3:
+                    gemm_abt(block, c2, w_ch[d, g * hidden : (g + 1) * hidden], 1.0)
         if training:
             hprev[d, t, b0:b1] = h
-        for r in range(rows):
-            if t < lengths[b0 + r]:
-                ai, af, ag, ao = _blocks(xp[t, b0 + r, col : col + gates], hidden)
-                if full:
-                    _gates_forward_ifg(ai, af, ag, c[r], c_new[r], bi, bf, bg)
-                else:
-                    _gates_forward(
-                        ai, af, ag, ao, c[r], c_new[r], m[r], bi, bf, bg, bo, p_i, p_f, p_o
-                    )
-            else:
-                c_new[r] = c[r]
-                m[r] = 0
+        m_flat = m.reshape(units)
         if full:
-            _matmul_abt(pre[:, 3 * hidden :], c_new, w_ch[d, 3 * hidden :], True)
-            for r in range(rows):
-                if t < lengths[b0 + r]:
-                    ao = xp[t, b0 + r, col + 3 * hidden : col + gates]
-                    _gates_forward_o(ao, c_new[r], m[r], bo)
+            _gates_forward_ifg(ai, af, ag, c, c_new)
+            c_new2 = c_new.reshape((rows, hidden))
+            if small:
+                _small_product_into_gates(xp, d, t, lo, hidden, c_new2, w_ch_t, 3, 4, row_sum)
+            else:
+                gemm_abt(ao.reshape((rows, hidden)), c_new2, w_ch[d, 3 * hidden :], 1.0)
+            _gates_forward_o(ao, c_new, m_flat)
+        elif diagonal:
+            _gates_forward_diagonal(ai, af, ag, ao, c, c_new, m_flat, p_i, p_f, p_o)
+        else:
+            _gates_forward(ai, af, ag, ao, c, c_new, m_flat)
         if has_proj:
-            _matmul_abt(h_new, m, w_hr[d], False)
+            _matmul_abt(h_new, m_proj, w_hr[d], False)
+        if padded:
+            for r in range(rows):
+                if t >= lengths[b0 + r]:  # carry the state through a padded step
+                    for j in range(hidden):
+                        c_new[r * hidden + j] = c[r * hidden + j]
+                    for j in range(out_size):
+                        h_new[r, j] = h[r, j]
         for r in range(rows):
             if t < lengths[b0 + r]:
-                out[t, b0 + r, ocol : ocol + out_size] = h_new[r]
+                for j in range(out_size):
+                    out[t, b0 + r, ocol + j] = h_new[r, j]
             else:
-                h_new[r] = h[r]
-                out[t, b0 + r, ocol : ocol + out_size] = 0
+                for j in range(out_size):
+                    out[t, b0 + r, ocol + j] = 0
         if training:
-            cstate[d, t, b0:b1] = c_new
+            cstate[d, t, lo:hi] = c_new
             if has_proj:
-                mstore[d, t, b0:b1] = m
+                mstore[d, t, b0:b1] = m_proj
         h, h_new = h_new, h
         c, c_new = c_new, c
     h_n[d, b0:b1] = h
-    c_n[d, b0:b1] = c
+    c_n[d, b0:b1] = c.reshape((rows, hidden))
 
 
 @jit
@@ -271,100 +400,147 @@ def _backward_rows(
     w_hh, w_hr, peep, w_ch, lengths, d, b0, b1,
 ):  # fmt: skip
     """Direction d of one layer backward for rows b0..b1: dL/da into xp, dh0 and dc0."""
-    steps = xp.shape[0]
+    steps = xp.shape[2]
     hidden = c0.shape[2]
     out_size = dh0.shape[2]
-    gates = 4 * hidden
     rows = b1 - b0
+    units = rows * hidden
+    lo = b0 * hidden
+    hi = b1 * hidden
     has_proj = w_hr.shape[1] > 0
     full = w_ch.shape[1] > 0
-    col = d * gates
     ocol = d * out_size
+    padded = False
+    for r in range(rows):
+        padded = padded or lengths[b0 + r] < steps
     dh = dh_n[d, b0:b1].copy()
-    dc = dc_n[d, b0:b1].copy()
     dh_next = np.empty_like(dh)
+    dc = dc_n[d, b0:b1].copy().reshape(units)
+    dc_carry = np.empty(units if padded else 0, dtype=dc.dtype)
     dm_proj = np.empty((rows if has_proj else 0, hidden), dtype=dc.dtype)
-    p_i = peep[d, 0]
-    p_f = peep[d, 1]
-    p_o = peep[d, 2]
+    c0_rows = c0[d].reshape(c0.shape[1] * hidden)[lo:hi]
+    p_i, p_f, p_o = _tiled_peepholes(peep, d, rows)
+    w_hh_d = w_hh[d]
+    small = out_size * 4 * hidden <= SMALL_ROW_MACS
+    w_hh_t = _transpose(w_hh_d) if small else np.empty((0, 0), dtype=dc.dtype)
+    row_grad = np.empty(4 * hidden, dtype=dc.dtype)
     for s in range(steps - 1, -1, -1):
         t = steps - 1 - s if d == 1 else s
         t_prev = t + 1 if d == 1 else t - 1  # the step that ran before t
         for r in range(rows):
             if t < lengths[b0 + r]:  # padded steps' output gradients are ignored
-                _add_into(dh[r], dout[t, b0 + r, ocol : ocol + out_size])
-            elif has_proj:
-                dhstore[d, t, b0 + r] = 0
+                for j in range(out_size):
+                    dh[r, j] += dout[t, b0 + r, ocol + j]
         if has_proj:
             for r in range(rows):
-                if t < lengths[b0 + r]:
-                    dhstore[d, t, b0 + r] = dh[r]
+                active = t < lengths[b0 + r]
+                for j in range(out_size):
+                    dhstore[d, t, b0 + r, j] = dh[r, j] if active else 0
             _matmul_ab(dm_proj, dh, w_hr[d], False)
-            dm = dm_proj
+            dm = dm_proj.reshape(units)
         else:
-            dm = dh
-        for r in range(rows):
-            a = xp[t, b0 + r, col : col + gates]
-            if t < lengths[b0 + r]:
-                ai, af, ag, ao = _blocks(a, hidden)
-                c_t = cstate[d, t, b0 + r]
-                if full:
-                    _gates_backward_o(ao, dc[r], dm[r], c_t)
-                else:
-                    c_prev = cstate[d, t_prev, b0 + r] if 0 <= t_prev < steps else c0[d, b0 + r]
-                    _gates_backward(ai, af, ag, ao, dc[r], dm[r], c_t, c_prev, p_i, p_f, p_o)
-            else:
-                a[:] = 0  # no gradient flows into a padded step
-        pre = xp[t, b0:b1, col : col + gates]
+            dm = dh.reshape(units)
+        ai = xp[d, 0, t, lo:hi]
+        af = xp[d, 1, t, lo:hi]
+        ag = xp[d, 2, t, lo:hi]
+        ao = xp[d, 3, t, lo:hi]
+        c_t = cstate[d, t, lo:hi]
+        c_prev = cstate[d, t_prev, lo:hi] if 0 <= t_prev < steps else c0_rows
+        if padded:
+            dc_carry[:] = dc
         if full:
-            _matmul_ab(dc, pre[:, 3 * hidden :], w_ch[d, 3 * hidden :], True)
+            dc2 = dc.reshape((rows, hidden))
+            _gates_backward_o(ao, dc, dm, c_t)
+            _matmul_ab(dc2, ao.reshape((rows, hidden)), w_ch[d, 3 * hidden :], True)
+            _gates_backward_ifg(ai, af, ag, dc, c_prev)
+            for g in range(3):
+                block = xp[d, g, t, lo:hi].reshape((rows, hidden))
+                _matmul_ab(dc2, block, w_ch[d, g * hidden : (g + 1) * hidden], True)
+        else:
+            _gates_backward(ai, af, ag, ao, dc, dm, c_t, c_prev, p_i, p_f, p_o)
+        if padded:
             for r in range(rows):
-                if t < lengths[b0 + r]:
-                    ai, af, ag, _ = _blocks(xp[t, b0 + r, col : col + gates], hidden)
-                    c_prev = cstate[d, t_prev, b0 + r] if 0 <= t_prev < steps else c0[d, b0 + r]
-                    _gates_backward_ifg(ai, af, ag, dc[r], c_prev)
-            _matmul_ab(dc, pre[:, : 3 * hidden], w_ch[d, : 3 * hidden], True)
-        _matmul_ab(dh_next, pre, w_hh[d], False)
-        for r in range(rows):
-            if t >= lengths[b0 + r]:
-                dh_next[r] = dh[r]  # the state was carried through a padded step
+                if t >= lengths[b0 + r]:  # no gradient flows into a padded step
+                    for g in range(4):
+                        for j in range(hidden):
+                            xp[d, g, t, (b0 + r) * hidden + j] = 0
+                    for j in range(hidden):
+                        dc[r * hidden + j] = dc_carry[r * hidden + j]
+        if small:
+            _small_recurrent_grad(dh_next, xp, d, t, lo, hidden, w_hh_t, row_grad)
+        else:
+            for g in range(4):
+                block = xp[d, g, t, lo:hi].reshape((rows, hidden))
+                gemm_ab(dh_next, block, w_hh_d[g * hidden : (g + 1) * hidden], 1.0 if g else 0.0)
+        if padded:
+            for r in range(rows):
+                if t >= lengths[b0 + r]:  # the state was carried through a padded step
+                    for j in range(out_size):
+                        dh_next[r, j] = dh[r, j]
         dh, dh_next = dh_next, dh
     dh0[d, b0:b1] = dh
-    dc0[d, b0:b1] = dc
+    dc0[d, b0:b1] = dc.reshape((rows, hidden))
 
 
 # --------------------------------------------------------------------------- drivers
 
 
 @jit
+def project_inputs(xp, x, w_ih, bias):
+    """xp[d, g] = x W_ih[d, g]^T + bias[d, g] for every direction and gate: the input part
+    of every step at once. x (T*B, I); bias (D, G); BLAS may use its own threads here."""
+    directions, _, steps, _ = xp.shape
+    rows, width = x.shape
+    batch = rows // steps
+    hidden = w_ih.shape[1] // 4
+    for d in range(directions):
+        for g in range(4):
+            block = xp[d, g].reshape((rows, hidden))
+            for r in range(rows):
+                for j in range(hidden):
+                    block[r, j] = bias[d, g * hidden + j]
+        if width * 4 * hidden <= SMALL_ROW_MACS:
+            w_t = _transpose(w_ih[d])
+            row_sum = np.empty(4 * hidden, dtype=xp.dtype)
+            for t in range(steps):
+                _small_product_into_gates(
+                    xp, d, t, 0, hidden, x[t * batch : (t + 1) * batch], w_t, 0, 4, row_sum
+                )
+        else:
+            for g in range(4):
+                block = xp[d, g].reshape((rows, hidden))
+                gemm_abt(block, x, w_ih[d, g * hidden : (g + 1) * hidden], 1.0)
+
+
+@jit
 def layer_forward_serial(
     out, h_n, c_n, xp, hprev, cstate, mstore,
-    h0, c0, w_hh, w_hr, peep, w_ch, bias, lengths, n_chunks, training,
+    h0, c0, w_hh, w_hr, peep, w_ch, lengths, n_chunks, training,
 ):  # fmt: skip
     """One layer, all directions, on the calling thread (``n_chunks`` is ignored)."""
     for d in range(w_hh.shape[0]):
         _forward_rows(
             out, h_n, c_n, xp, hprev, cstate, mstore,
-            h0, c0, w_hh, w_hr, peep, w_ch, bias, lengths, d, 0, xp.shape[1], training,
+            h0, c0, w_hh, w_hr, peep, w_ch, lengths, d, 0, h0.shape[1], training,
         )  # fmt: skip
 
 
 @jit(parallel=True)
 def layer_forward_parallel(
     out, h_n, c_n, xp, hprev, cstate, mstore,
-    h0, c0, w_hh, w_hr, peep, w_ch, bias, lengths, n_chunks, training,
+    h0, c0, w_hh, w_hr, peep, w_ch, lengths, n_chunks, training,
 ):  # fmt: skip
     """One layer: directions x batch chunks as parallel tasks, each over the whole time loop.
 
     One fork/join per layer call; the tasks share nothing but disjoint rows and columns.
     """
-    batch = xp.shape[1]
+    batch = h0.shape[1]
     for task in prange(w_hh.shape[0] * n_chunks):
         d = task // n_chunks
         k = task - d * n_chunks
         _forward_rows(
             out, h_n, c_n, xp, hprev, cstate, mstore,
-            h0, c0, w_hh, w_hr, peep, w_ch, bias, lengths,
+            h0, c0, w_hh, w_hr, peep, w_ch, lengths,
             d, k * batch // n_chunks, (k + 1) * batch // n_chunks, training,
         )  # fmt: skip
 
@@ -378,7 +554,7 @@ def layer_backward_serial(
     for d in range(w_hh.shape[0]):
         _backward_rows(
             xp, dh0, dc0, dhstore, dout, dh_n, dc_n, cstate, c0,
-            w_hh, w_hr, peep, w_ch, lengths, d, 0, xp.shape[1],
+            w_hh, w_hr, peep, w_ch, lengths, d, 0, dh0.shape[1],
         )  # fmt: skip
 
 
@@ -388,7 +564,7 @@ def layer_backward_parallel(
     w_hh, w_hr, peep, w_ch, lengths, n_chunks,
 ):  # fmt: skip
     """Backward of one layer: directions x batch chunks as parallel tasks."""
-    batch = xp.shape[1]
+    batch = dh0.shape[1]
     for task in prange(w_hh.shape[0] * n_chunks):
         d = task // n_chunks
         k = task - d * n_chunks
@@ -400,11 +576,113 @@ def layer_backward_parallel(
 
 
 @jit
+def _dense_gradients_small(dx, gw_ih, gw_hh, gbias, xp, x, hprev, w_ih, d):
+    """Tiny sizes: dW_ih, dW_hh, the bias and dx of direction d, row by row over all 4H
+    gate columns at once (the gate-major dL/da of a row gathered into one vector)."""
+    steps = xp.shape[2]
+    rows, width = x.shape
+    batch = rows // steps
+    hidden = w_ih.shape[1] // 4
+    gates = 4 * hidden
+    out_size = hprev.shape[3]
+    w_ih_t = _transpose(w_ih[d])
+    g_ih_t = np.zeros((width, gates), dtype=xp.dtype)
+    g_hh_t = np.zeros((out_size, gates), dtype=xp.dtype)
+    da = np.empty(gates, dtype=xp.dtype)
+    for row in range(rows):
+        t = row // batch
+        b = row - t * batch
+        for g in range(4):
+            block = xp[d, g, t, b * hidden : (b + 1) * hidden]
+            for j in range(hidden):
+                da[g * hidden + j] = block[j]
+        for col in range(gates):
+            gbias[d, col] += da[col]
+        for i in range(width):  # dW_ih += da^T x
+            coef = x[row, i]
+            for col in range(gates):
+                g_ih_t[i, col] += coef * da[col]
+        for q in range(out_size):  # dW_hh += da^T h_{t-1}
+            coef = hprev[d, t, b, q]
+            for col in range(gates):
+                g_hh_t[q, col] += coef * da[col]
+        for i in range(width):  # dx = da W_ih
+            acc = dx[row, i] if d > 0 else da[0] * 0
+            for col in range(gates):
+                acc += da[col] * w_ih_t[i, col]
+            dx[row, i] = acc
+    gw_ih[d] += g_ih_t.T
+    gw_hh[d] += g_hh_t.T
+
+
+@jit
+def weight_gradients(
+    dx, gw_ih, gw_hh, gbias, gw_hr, gpeep, gw_ch,
+    xp, x, hprev, cstate, c0, mstore, dhstore, w_ih,
+):  # fmt: skip
+    """After the backward loop: every weight gradient as large products over all steps.
+
+    Adds into the gradient arrays (gbias (D, G) collects the one bias gradient every bias
+    shares); overwrites dx (T*B, I) with dL/dx. xp holds dL/da in the gate-major layout.
+    """
+    directions, _, steps, _ = xp.shape
+    hidden = w_ih.shape[1] // 4
+    rows, width = x.shape
+    batch = rows // steps
+    out_size = hprev.shape[3]
+    small = 4 * hidden * (width + out_size) <= SMALL_ROW_MACS
+    for d in range(directions):
+        if small:
+            _dense_gradients_small(dx, gw_ih, gw_hh, gbias, xp, x, hprev, w_ih, d)
+        else:
+            h_rows = hprev[d].reshape((rows, out_size))
+            for g in range(4):
+                da = xp[d, g].reshape((rows, hidden))
+                band = slice(g * hidden, (g + 1) * hidden)
+                gemm_atb(gw_ih[d, band], da, x, 1.0)  # dW_ih = sum_t da_t^T x_t
+                gemm_atb(gw_hh[d, band], da, h_rows, 1.0)  # dW_hh = sum_t da_t^T h_{t-1}
+                gemm_ab(dx, da, w_ih[d, band], 1.0 if d > 0 or g > 0 else 0.0)  # dx = da W_ih
+                for r in range(rows):
+                    for j in range(hidden):
+                        gbias[d, g * hidden + j] += da[r, j]
+        if gw_hr.shape[1] > 0:  # dW_hr = sum_t dh_t^T m_t
+            _matmul_atb(gw_hr[d], dhstore[d].reshape((rows, out_size)),
+                        mstore[d].reshape((rows, hidden)))  # fmt: skip
+        if gpeep.shape[1] == 0 and gw_ch.shape[1] == 0:
+            continue
+        # c_{t-1} per step in the direction's own order: c0 before its first step.
+        first = steps - 1 if d == 1 else 0
+        shift = 1 if d == 1 else -1
+        c_all = cstate[d].reshape((rows, hidden))
+        c0_d = c0[d]
+        for t in range(steps):
+            c_prev = c0_d if t == first else cstate[d, t + shift].reshape((batch, hidden))
+            c_now = c_all[t * batch : (t + 1) * batch]
+            a_i = xp[d, 0, t].reshape((batch, hidden))
+            a_f = xp[d, 1, t].reshape((batch, hidden))
+            a_o = xp[d, 3, t].reshape((batch, hidden))
+            if gpeep.shape[1] > 0:
+                for b in range(batch):
+                    for j in range(hidden):
+                        gpeep[d, 0, j] += a_i[b, j] * c_prev[b, j]
+                        gpeep[d, 1, j] += a_f[b, j] * c_prev[b, j]
+                        gpeep[d, 2, j] += a_o[b, j] * c_now[b, j]
+            if gw_ch.shape[1] > 0:
+                for g in range(3):
+                    _matmul_atb(gw_ch[d, g * hidden : (g + 1) * hidden],
+                                xp[d, g, t].reshape((batch, hidden)), c_prev)  # fmt: skip
+                _matmul_atb(gw_ch[d, 3 * hidden :], a_o, c_now)
+
+
+@jit
 def recurrent_products_only(acc, h, w_hh, steps):
     """The forward time loop's recurrent products alone (for the profiler's phase split).
 
-    acc (B, G) += h (B, P) @ w_hh (G, P)^T, ``steps`` times: the same calls, sizes and
-    operands as one direction's time loop, without the gate math.
+    Per step and gate: acc[g] (B, H) += h (B, P) @ w_hh[g-block]^T, the same calls,
+    sizes and operands as one direction's time loop, without the gate math.
+    acc (4, B, H); w_hh (G, P).
     """
+    hidden = acc.shape[2]
     for _ in range(steps):
-        _matmul_abt(acc, h, w_hh, True)
+        for g in range(4):
+            _matmul_abt(acc[g], h, w_hh[g * hidden : (g + 1) * hidden], True)

@@ -131,7 +131,9 @@ class Module:
         the module is left unchanged.
         """
         if not isinstance(mapping, Mapping):
-            raise TypeError(f"load_state_dict expects a mapping of name -> array, got {type(mapping).__name__}")
+            raise TypeError(
+                f"load_state_dict expects a mapping of name -> array, got {type(mapping).__name__}"
+            )
         missing = [name for name in self.params if name not in mapping]
         unexpected = [name for name in mapping if name not in self.params]
         if missing or unexpected:
@@ -189,7 +191,9 @@ class Module:
                 }
         except ValueError as exc:
             if "allow_pickle" in str(exc) or "Object arrays" in str(exc):
-                raise ValueError(f"{path}: holds pickled objects, which fastlstm never loads") from exc
+                raise ValueError(
+                    f"{path}: holds pickled objects, which fastlstm never loads"
+                ) from exc
             raise
         if header.get("format") != _FORMAT:
             raise ValueError(f"{path}: expected format {_FORMAT!r}, got {header.get('format')!r}")

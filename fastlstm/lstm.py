@@ -34,7 +34,10 @@ def _layer_layout(
 ) -> list[tuple[str, tuple[int, ...]]]:  # fmt: skip
     """Stacked (both directions) buffer layout of layer k, keyed (kind, k)."""
     gates = 4 * hidden
-    layout = [(("w_ih", k), (directions, gates, width)), (("w_hh", k), (directions, gates, out_size))]
+    layout = [
+        (("w_ih", k), (directions, gates, width)),
+        (("w_hh", k), (directions, gates, out_size)),
+    ]
     if bias:
         layout += [(("b_ih", k), (directions, gates)), (("b_hh", k), (directions, gates))]
     if proj:
@@ -137,8 +140,10 @@ class LSTM(Module):
             raise ValueError(
                 f"proj_size must be smaller than hidden_size ({hidden_size}), got {proj_size}"
             )
-        if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not (
-            0 <= dropout <= 1
+        if (
+            isinstance(dropout, bool)
+            or not isinstance(dropout, int | float)
+            or not (0 <= dropout <= 1)
         ):
             raise ValueError(f"dropout must be a number in [0, 1], got {dropout!r}")
         if dropout > 0 and num_layers == 1:
@@ -297,7 +302,9 @@ class LSTM(Module):
                 f"{np.shape(x)}"
             )
         if steps == 0 or batch == 0:
-            raise ValueError(f"x: expected at least one step and one sequence, got shape {np.shape(x)}")
+            raise ValueError(
+                f"x: expected at least one step and one sequence, got shape {np.shape(x)}"
+            )
         return array, batched
 
     def _check_state(self, state: Any, batch: int, batched: bool) -> State:
@@ -317,7 +324,8 @@ class LSTM(Module):
             check_shape("h0", h0, (count, self._out_size), "(layers*directions, H_out)")
             check_shape("c0", c0, (count, self.hidden_size), "(layers*directions, hidden)")
             h0, c0 = h0[:, None, :], c0[:, None, :]
-        return np.ascontiguousarray(h0), np.ascontiguousarray(c0)
+        # Private copies: a training cache must not see the caller's later edits.
+        return np.array(h0, order="C"), np.array(c0, order="C")
 
     def _to_caller_layout(self, out: np.ndarray, batched: bool) -> np.ndarray:
         if not batched:
@@ -470,8 +478,8 @@ class LSTMCell(Module):
             c0 = real_array("c", state[1], self.dtype)
             check_shape("h", h0, shape, "(batch, hidden)" if batched else "(hidden,)")
             check_shape("c", c0, shape, "(batch, hidden)" if batched else "(hidden,)")
-            h0 = np.ascontiguousarray(h0.reshape(1, batch, self.hidden_size))
-            c0 = np.ascontiguousarray(c0.reshape(1, batch, self.hidden_size))
+            h0 = np.array(h0.reshape(1, batch, self.hidden_size), order="C")
+            c0 = np.array(c0.reshape(1, batch, self.hidden_size), order="C")
         steps_x = np.array(rows[None], dtype=self.dtype)  # (1, B, I), a private copy
         lengths = np.ones(batch, dtype=np.int64)
         _, h_n, c_n, caches = _engine.forward(

@@ -1,0 +1,284 @@
+"""The ``fastlstm`` command: ``fastlstm demo | bench | profile`` (also ``python -m fastlstm``).
+
+Examples::
+
+    fastlstm bench                                   # the grid, forward, float32, 2 threads
+    fastlstm bench --mode both --json run.json --plot run.png
+    fastlstm bench --shapes seed,medium --dtype float64 --mode train
+    fastlstm bench --shapes B4T3I5H8 --variant diagonal --peers onnxruntime,reference
+    fastlstm bench --under-load                      # medium forward next to 2 busy processes
+    fastlstm bench --cold-start                      # import + first forward, fresh interpreter
+    fastlstm profile --batch 32 --seq 100 --input 128 --hidden 256 --train
+
+Each subcommand imports what it needs when it runs (``demo`` its module, ``bench`` the peers,
+``--plot`` matplotlib), so ``fastlstm --help`` stays fast and works without any of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from fastlstm import __version__
+
+_DEMO_MISSING = "fastlstm demo is not available in this installation (no fastlstm/demo.py)"
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def _add_threads(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=2,
+        help="threads on each side (fastlstm, torch, ONNX Runtime); default 2",
+    )
+
+
+def _add_bench(sub) -> None:
+    from fastlstm.bench import DEFAULT_BUDGET, DEFAULT_REPEATS, GRID, VARIANTS
+
+    parser = sub.add_parser(
+        "bench",
+        help="time fastlstm against torch, ONNX Runtime and the reference, side by side",
+        description=(
+            "Time fastlstm against its peers on the benchmark grid, in one process: medians "
+            "of alternating runs (fastlstm, peer, fastlstm, ...) after a warm-up of each, the "
+            "same weights and thread count on every side. Prints a table: peer time, fastlstm "
+            "time, ratio peer/fastlstm, fastlstm's GFLOP/s and share of the machine's GEMM "
+            "rate, and first-call (compile) times apart."
+        ),
+    )
+    parser.add_argument(
+        "--shapes",
+        default="all",
+        help=f"comma-separated grid names ({', '.join(GRID)}) or custom shapes like "
+        "B4T3I5H8; default all",
+    )
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    parser.add_argument("--mode", choices=("forward", "train", "both"), default="forward")
+    parser.add_argument(
+        "--variant",
+        choices=VARIANTS,
+        default="standard",
+        help="fastlstm variant; peers that lack it are left out (torch has proj, ONNX "
+        "Runtime diagonal peepholes, the reference all)",
+    )
+    parser.add_argument(
+        "--peers",
+        default="torch,onnxruntime,reference",
+        help="comma-separated peers among torch, onnxruntime, reference ('none' for "
+        "fastlstm alone); peers not installed are left out with a note",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=_positive_int,
+        default=DEFAULT_REPEATS,
+        help=f"alternating pairs per peer and row; default {DEFAULT_REPEATS}",
+    )
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=DEFAULT_BUDGET,
+        help="seconds of timed calls per peer and row before the pairs are cut (to at least "
+        f"3); default {DEFAULT_BUDGET:g}",
+    )
+    _add_threads(parser)
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    parser.add_argument("--plot", metavar="FILE.png", help="also draw ratios (needs matplotlib)")
+    parser.add_argument(
+        "--under-load",
+        action="store_true",
+        help="instead of the grid: forward of the first shape (default medium) for fastlstm "
+        "and each peer, alone and next to 2 busy processes; prints slowdowns",
+    )
+    parser.add_argument(
+        "--cold-start",
+        action="store_true",
+        help="instead of the grid: import + first forward (+ first training step with "
+        "--mode train/both) of the first shape (default medium) in a fresh interpreter, with "
+        "Numba's cache as it is and with an empty one (NUMBA_CACHE_DIR)",
+    )
+    parser.set_defaults(run=_run_bench)
+
+
+def _add_profile(sub) -> None:
+    parser = sub.add_parser(
+        "profile",
+        help="where the time of one forward or training step goes, phase by phase",
+        description=(
+            "Profile one LSTM call phase by phase (input GEMM, time loop split into recurrent "
+            "products and gate math, dropout, backward time loop, weight gradients) with "
+            "GFLOP/s, first-call (compile) time apart, and the thread and BLAS configuration."
+        ),
+    )
+    parser.add_argument("--batch", type=_positive_int, required=True, help="B")
+    parser.add_argument("--seq", type=_positive_int, required=True, help="T")
+    parser.add_argument("--input", type=_positive_int, required=True, help="I")
+    parser.add_argument("--hidden", type=_positive_int, required=True, help="H")
+    parser.add_argument("--train", action="store_true", help="a training step, not a forward")
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    parser.add_argument("--layers", type=_positive_int, default=1)
+    parser.add_argument("--bidirectional", action="store_true")
+    parser.add_argument(
+        "--dropout", type=float, default=0.0, help="between layers (needs --layers > 1)"
+    )
+    parser.add_argument("--repeats", type=_positive_int, default=10)
+    _add_threads(parser)
+    parser.add_argument("--json", metavar="FILE", help="also write the profile as JSON")
+    parser.set_defaults(run=_run_profile)
+
+
+def _add_demo(sub, load: bool) -> None:
+    """The demo subcommand; its arguments come from fastlstm.demo, imported only if chosen."""
+    parser = sub.add_parser("demo", help="train a small model end to end (fastlstm.demo)")
+    parser.set_defaults(run=_run_demo)
+    if load:
+        try:
+            from fastlstm import demo
+        except ModuleNotFoundError as exc:
+            if exc.name != "fastlstm.demo":
+                raise
+            parser.set_defaults(run=_demo_missing)
+            return
+        demo.add_arguments(parser)
+
+
+def build_parser(*, load_demo: bool = False) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fastlstm",
+        description="fastlstm: a NumPy-native LSTM on Numba kernels. Subcommands: demo, "
+        "bench, profile.",
+    )
+    parser.add_argument("--version", action="version", version=f"fastlstm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,bench,profile}")
+    sub.required = True
+    _add_demo(sub, load_demo)
+    _add_bench(sub)
+    _add_profile(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(load_demo=command == "demo")
+    args = parser.parse_args(argv)
+    return int(args.run(args, parser) or 0)
+
+
+# ---------------------------------------------------------------------------- subcommands
+
+
+def _run_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from fastlstm import demo
+
+    return demo.run(args)
+
+
+def _demo_missing(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    print(_DEMO_MISSING, file=sys.stderr)
+    return 2
+
+
+def _check_threads(parser: argparse.ArgumentParser, n: int) -> None:
+    import numba
+
+    highest = numba.config.NUMBA_NUM_THREADS
+    if n > highest:
+        parser.error(f"--threads {n}: this machine gives Numba at most {highest} threads")
+
+
+def _run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from fastlstm import bench
+
+    _check_threads(parser, args.threads)
+    try:
+        shapes = bench.parse_shapes(args.shapes)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if not shapes:
+        parser.error("--shapes: no shape given")
+    names = [] if args.peers.strip() == "none" else [p.strip() for p in args.peers.split(",")]
+    unknown = [p for p in names if p not in bench.peers.PEERS]
+    if unknown:
+        parser.error(
+            f"--peers: unknown {', '.join(unknown)} (expected torch, onnxruntime, "
+            "reference or none)"
+        )
+    modes = bench.MODES if args.mode == "both" else (args.mode,)
+    results = {}
+    if args.under_load or args.cold_start:
+        shape = shapes[0] if args.shapes != "all" else bench.GRID["medium"]
+        if args.under_load:
+            result = bench.under_load(
+                shape,
+                peer_names=names,
+                dtype=args.dtype,
+                threads_n=args.threads,
+                repeats=args.repeats,
+            )
+            print(bench.format_under_load(result), flush=True)
+            results["under_load"] = result
+        if args.cold_start:
+            result = bench.cold_start(
+                shape, dtype=args.dtype, threads_n=args.threads, train="train" in modes
+            )
+            print(bench.format_cold_start(result), flush=True)
+            results["cold_start"] = result
+        if args.json:
+            bench.write_json(results, args.json)
+        return 0
+    result = bench.run_grid(
+        shapes,
+        modes=modes,
+        peer_names=names,
+        dtype=args.dtype,
+        variant=args.variant,
+        threads_n=args.threads,
+        repeats=args.repeats,
+        budget=args.budget,
+        progress=lambda text: print(text, file=sys.stderr, flush=True),
+    )
+    print(bench.format_table(result), flush=True)
+    if args.json:
+        bench.write_json(result, args.json)
+    if args.plot:
+        bench.plot(result, args.plot)
+    return 0
+
+
+def _run_profile(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from fastlstm import bench, profile
+
+    _check_threads(parser, args.threads)
+    if args.dropout and args.layers == 1:
+        parser.error("--dropout applies between layers: it needs --layers > 1")
+    shape = bench.Shape(
+        f"B{args.batch}T{args.seq}I{args.input}H{args.hidden}",
+        args.batch,
+        args.seq,
+        args.input,
+        args.hidden,
+    )
+    result = profile.profile(
+        shape,
+        train=args.train,
+        dtype=args.dtype,
+        threads_n=args.threads,
+        layers=args.layers,
+        bidirectional=args.bidirectional,
+        dropout=args.dropout,
+        repeats=args.repeats,
+    )
+    print(profile.format_profile(result), flush=True)
+    if args.json:
+        bench.write_json(result, args.json)
+    return 0

@@ -1,0 +1,379 @@
+"""Where fastlstm's time goes, phase by phase: the engine of ``fastlstm profile``.
+
+The phases are the engine's own (:mod:`fastlstm._engine`, its ``timings`` argument):
+``input_gemm`` (x W_ih^T for every step at once), ``time_loop`` (the kernel: recurrent
+products and gate math), ``dropout`` (masks between layers, training only),
+``backward_time_loop`` and ``weight_gradients`` (the GEMMs over every step: dW_ih, dW_hh,
+dx). Each is averaged over the repeats; "other" is what the engine spends outside them
+(allocation, weight preparation) and "API" what the public call adds (validation, copies).
+
+The forward time loop is split further by timing
+``_kernels.recurrent_products_only(acc, h, w_hh, steps)`` alone with the same sizes, dtype
+and threads as the loop (when the engine runs the parallel kernel, the same batch chunks on
+as many threads, BLAS held to one thread each): gate math is then estimated as
+``time_loop - recurrent products``. It is an estimate: inside the loop the two compete
+for the same caches.
+
+The first calls in the process are timed apart (Numba compiles, or loads from its cache,
+each kernel then), with Numba's own count of cache hits and misses.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+from typing import Any
+
+import numba
+import numpy as np
+
+import fastlstm as fl
+from fastlstm import _activations, _blas, _engine, _kernels
+from fastlstm._config import PARALLEL_MIN_MACS
+from fastlstm._threads import blas_single_threaded
+from fastlstm.bench import DEFAULT_THREADS, Shape, machine_info, threads
+
+FORWARD_PHASES = ("input_gemm", "time_loop", "dropout")
+BACKWARD_PHASES = ("backward_time_loop", "weight_gradients")
+PHASES = FORWARD_PHASES + BACKWARD_PHASES
+
+
+def _dispatchers() -> list:
+    found = []
+    for module in (_kernels, _blas, _activations):
+        for value in vars(module).values():
+            if isinstance(value, numba.core.registry.CPUDispatcher) and value not in found:
+                found.append(value)
+    return found
+
+
+def _numba_counts() -> dict[str, int]:
+    """Kernels in memory, and Numba's cache hits and misses so far, over fastlstm's kernels."""
+    counts = {"signatures": 0, "cache_hits": 0, "cache_misses": 0}
+    for dispatcher in _dispatchers():
+        counts["signatures"] += len(dispatcher.signatures)
+        stats = dispatcher.stats
+        counts["cache_hits"] += sum(stats.cache_hits.values())
+        counts["cache_misses"] += sum(stats.cache_misses.values())
+    return counts
+
+
+def _first_call(call) -> dict[str, Any]:
+    before = _numba_counts()
+    start = time.perf_counter()
+    call()
+    seconds = time.perf_counter() - start
+    after = _numba_counts()
+    return {
+        "seconds": seconds,
+        "new_kernels": after["signatures"] - before["signatures"],
+        "cache_hits": after["cache_hits"] - before["cache_hits"],
+        "compiled": after["cache_misses"] - before["cache_misses"],
+    }
+
+
+def phase_flops(
+    shape: Shape, *, layers: int = 1, directions: int = 1, proj_size: int = 0
+) -> dict[str, float]:
+    """Floating-point operations of each phase's matrix products, summed over layers.
+
+    The time loop counts its recurrent products (and projection) only, not the gate math.
+    """
+    rows = shape.batch * shape.seq
+    gates = 4 * shape.hidden
+    out = proj_size or shape.hidden
+    proj = 2.0 * rows * directions * out * shape.hidden if proj_size else 0.0
+    counts = dict.fromkeys(PHASES, 0.0)
+    width = shape.input
+    for _ in range(layers):
+        counts["input_gemm"] += 2.0 * rows * directions * gates * width
+        counts["time_loop"] += 2.0 * rows * directions * gates * out + proj
+        counts["backward_time_loop"] += 2.0 * rows * directions * gates * out + proj
+        # dW_ih and dx over every step, dW_hh (and dW_hr) per direction
+        counts["weight_gradients"] += 2.0 * rows * directions * gates * (2 * width + out) + proj
+        width = directions * out
+    return counts
+
+
+def _recurrent_tasks(lstm: fl.LSTM, shape: Shape, chunks: int, rng) -> list[tuple]:
+    """The (acc, h, w_hh, steps) argument sets of one forward's recurrent products."""
+    dtype = lstm.dtype
+    out = lstm.proj_size or lstm.hidden_size
+    tasks = []
+    for layer in lstm._layers:
+        for d in range(layer.w_hh.shape[0]):
+            w_hh = np.ascontiguousarray(layer.w_hh[d])
+            for k in range(chunks):
+                rows = (k + 1) * shape.batch // chunks - k * shape.batch // chunks
+                h = (0.5 * rng.standard_normal((rows, out))).astype(dtype)
+                # acc is gate-major, (4, rows, H), as the loop's gate blocks (_kernels' layout)
+                acc = np.zeros((4, rows, lstm.hidden_size), dtype)
+                tasks.append((acc, h, w_hh, shape.seq))
+    return tasks
+
+
+def _time_recurrent(tasks: list[tuple], pool: ThreadPoolExecutor | None, per_layer: int) -> float:
+    """Seconds to run every task as the engine would: layer after layer, on ``pool``'s
+    threads with BLAS held to one thread (the parallel kernel), or one after another."""
+    start = time.perf_counter()
+    if pool is not None:
+        with blas_single_threaded():
+            for i in range(0, len(tasks), per_layer):  # one fork/join per layer
+                list(
+                    pool.map(
+                        lambda a: _kernels.recurrent_products_only(*a), tasks[i : i + per_layer]
+                    )
+                )
+    else:
+        for task in tasks:
+            _kernels.recurrent_products_only(*task)
+    return time.perf_counter() - start
+
+
+def profile(
+    shape: Shape,
+    *,
+    train: bool = False,
+    dtype: Any = np.float32,
+    threads_n: int = DEFAULT_THREADS,
+    layers: int = 1,
+    bidirectional: bool = False,
+    dropout: float = 0.0,
+    repeats: int = 10,
+) -> dict[str, Any]:
+    """Profile one forward (or training step) of an LSTM of ``shape``; JSON-ready result."""
+    dtype = np.dtype(dtype)
+    directions = 2 if bidirectional else 1
+    with threads(threads_n, torch_too=False):
+        lstm = fl.LSTM(
+            shape.input,
+            shape.hidden,
+            layers,
+            bidirectional=bidirectional,
+            dropout=dropout,
+            dtype=dtype,
+            seed=0,
+        )
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((shape.seq, shape.batch, shape.input)).astype(dtype)
+        dout = rng.standard_normal((shape.seq, shape.batch, directions * shape.hidden)).astype(
+            dtype
+        )
+        lstm.train(train)
+        first = {"forward": _first_call(lambda: lstm(x))}
+        if train:
+            first["backward"] = _first_call(lambda: lstm.backward(dout))
+
+        # Phases, through the engine exactly as the public call drives it.
+        count = layers * directions
+        h0 = np.zeros((count, shape.batch, shape.hidden), dtype)
+        c0 = np.zeros_like(h0)
+        lengths = np.full(shape.batch, shape.seq, dtype=np.int64)
+        sums = dict.fromkeys(PHASES, 0.0)
+        engine = {"forward": 0.0, "backward": 0.0}
+        public_total = 0.0
+
+        def public() -> None:
+            if train:
+                lstm.zero_grad()
+                lstm(x)
+                lstm.backward(dout)
+            else:
+                lstm(x)
+
+        # Engine and public call in turn, so that drift hits both alike; round 0 warms up.
+        for round_ in range(repeats + 1):
+            timings: dict[str, float] = {}
+            start = time.perf_counter()
+            _, h_n, c_n, caches = _engine.forward(
+                lstm._layers, x, h0, c0, lengths, hidden=shape.hidden, training=train,
+                dropout=lstm.dropout, rng=lstm._rng, timings=timings,
+            )  # fmt: skip
+            forward_s = time.perf_counter() - start
+            backward_s = 0.0
+            if train:
+                start = time.perf_counter()
+                _engine.backward(
+                    lstm._layers, lstm._layer_grads, caches, dout, np.zeros_like(h_n),
+                    np.zeros_like(c_n), lengths, hidden=shape.hidden, timings=timings,
+                )  # fmt: skip
+                backward_s = time.perf_counter() - start
+            public_s = _seconds(public)
+            if round_ == 0:
+                continue
+            engine["forward"] += forward_s
+            engine["backward"] += backward_s
+            public_total += public_s
+            for name, seconds in timings.items():
+                sums[name] += seconds
+        phases = {name: total / repeats for name, total in sums.items()}
+        engine = {name: total / repeats for name, total in engine.items()}
+        public_s = public_total / repeats
+
+        # Recurrent products alone, with the time loop's sizes and threading.
+        gates = 4 * shape.hidden
+        chunks, parallel = _engine._plan(
+            shape.seq, shape.batch, directions, gates, lstm.proj_size or shape.hidden
+        )
+        tasks = _recurrent_tasks(lstm, shape, chunks if parallel else 1, rng)
+        per_layer = len(tasks) // layers
+        recurrent_first = _first_call(lambda: _time_recurrent(tasks[:1], None, 1))
+        with ThreadPoolExecutor(max_workers=min(threads_n, per_layer)) as pool:
+            _time_recurrent(tasks, pool if parallel else None, per_layer)  # warm-up
+            recurrent_s = statistics.fmean(
+                _time_recurrent(tasks, pool if parallel else None, per_layer)
+                for _ in range(repeats)
+            )
+        machine = machine_info()
+
+    work = phase_flops(shape, layers=layers, directions=directions)
+    return {
+        "config": {
+            "shape": asdict(shape),
+            "train": train,
+            "dtype": dtype.name,
+            "threads": threads_n,
+            "layers": layers,
+            "bidirectional": bidirectional,
+            "dropout": dropout,
+            "repeats": repeats,
+        },
+        "first_calls": first,
+        "phases_s": phases,
+        "engine_s": engine,
+        "public_s": public_s,
+        "recurrent_products_s": recurrent_s,
+        "recurrent_first_call": recurrent_first,
+        "gate_math_estimate_s": phases["time_loop"] - recurrent_s,
+        "flops": work,
+        "plan": {
+            "parallel": parallel,
+            "chunks": chunks if parallel else 1,
+            "directions": directions,
+            "parallel_min_macs": PARALLEL_MIN_MACS,
+        },
+        "machine": machine,
+    }
+
+
+def _seconds(call) -> float:
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
+def format_profile(result: dict[str, Any]) -> str:
+    """The profile as text: first calls, phases with shares and GFLOP/s, threads and BLAS."""
+    config = result["config"]
+    shape = Shape(**config["shape"])
+    layers = config["layers"]
+    what = "training step (forward + backward)" if config["train"] else "forward (eval mode)"
+    lines = [
+        f"fastlstm profile: {shape.label}, {layers} layer{'s' if layers > 1 else ''}, "
+        f"{'bidirectional' if config['bidirectional'] else 'unidirectional'}, "
+        f"{config['dtype']}, {what}, {config['threads']} threads, "
+        f"mean of {config['repeats']} repeats",
+        "",
+        "first calls in this process (compile, or load from Numba's cache), apart from run time:",
+    ]
+    for name, call in result["first_calls"].items():
+        lines.append(
+            f"  first {name:<9} {call['seconds']:8.3f} s   ({call['new_kernels']} kernels "
+            f"brought in: {call['compiled']} compiled, {call['cache_hits']} from the cache)"
+        )
+    rec = result["recurrent_first_call"]
+    lines.append(f"  recurrent_products_only {rec['seconds']:.3f} s (its own first call)")
+    lines += ["", "run time per call:"]
+    total = result["public_s"]
+    flops = result["flops"]
+    header = f"  {'phase':<28}{'ms':>10}{'share':>9}{'GFLOP/s':>10}"
+    lines.append(header)
+
+    def line(name: str, seconds: float | None, work: float | None = None, note: str = "") -> str:
+        if seconds is None:
+            return f"  {name:<28}{'-':>10}{'':>9}{'':>10}  {note}".rstrip()
+        rate = f"{work / seconds / 1e9:.1f}" if work and seconds > 0 else ""
+        share = f"{100 * seconds / total:.1f}%" if total > 0 else ""
+        return f"  {name:<28}{seconds * 1e3:>10.3f}{share:>9}{rate:>10}  {note}".rstrip()
+
+    phases = result["phases_s"]
+    lines.append(line("input_gemm", phases["input_gemm"], flops["input_gemm"]))
+    lines.append(line("time_loop", phases["time_loop"], flops["time_loop"]))
+    lines.append(
+        line(
+            "  recurrent products *",
+            result["recurrent_products_s"],
+            flops["time_loop"],
+            "timed alone",
+        )
+    )
+    lines.append(
+        line(
+            "  gate math *",
+            result["gate_math_estimate_s"],
+            None,
+            "= time_loop - recurrent products",
+        )
+    )
+    uses_dropout = config["train"] and layers > 1 and config["dropout"] > 0
+    lines.append(
+        line(
+            "dropout",
+            phases["dropout"] if uses_dropout else None,
+            None,
+            "" if uses_dropout else "(not run: needs --train, --layers > 1, --dropout)",
+        )
+    )
+    for name in BACKWARD_PHASES:
+        if config["train"]:
+            lines.append(line(name, phases[name], flops[name]))
+        else:
+            lines.append(line(name, None, None, "(not run: forward only; add --train)"))
+    engine = result["engine_s"]
+    other = engine["forward"] + engine["backward"] - sum(phases.values())
+    lines.append(line("other (engine)", other, None, "allocation, weight preparation"))
+    api = total - engine["forward"] - engine["backward"]
+    lines.append(line("API (public call)", api, None, "validation, copies, layout"))
+    work_total = sum(flops[n] for n in ("input_gemm", "time_loop")) + (
+        flops["backward_time_loop"] + flops["weight_gradients"] if config["train"] else 0.0
+    )
+    lines.append(line("total (public call)", total, work_total))
+    lines.append(
+        "  * an estimate: the recurrent products timed alone with _kernels.recurrent_products_only"
+    )
+    lines.append("    (same sizes, dtype and threading as the loop); gate math is the remainder.")
+
+    plan = result["plan"]
+    machine = result["machine"]
+    if plan["parallel"]:
+        loop = (
+            f"parallel kernel, {plan['directions']} direction(s) x {plan['chunks']} batch "
+            "chunk(s) as tasks, BLAS held to 1 thread inside"
+        )
+    else:
+        loop = (
+            f"serial kernel (fewer than {plan['parallel_min_macs']:,} recurrent "
+            "multiply-adds, or 1 thread), BLAS threads as set"
+        )
+    lines += [
+        "",
+        f"threads: fastlstm.get_num_threads() = {fl.get_num_threads()} after the run "
+        f"(profiled with {config['threads']}); numba.get_num_threads() = "
+        f"{machine['numba_threads']} during the run; Numba threading layer: "
+        f"{machine['numba_threading_layer']}; CPUs: {machine['cpu_count']}",
+        f"time loop: {loop}",
+        "thread pools (threadpoolctl.threadpool_info(), during the run):",
+    ]
+    for pool in machine["threadpools"]:
+        lines.append(
+            f"  {pool['internal_api']:<9} {pool['prefix']:<20} version {pool['version']}, "
+            f"{pool['num_threads']} threads, architecture {pool.get('architecture') or '-'}"
+            + (
+                f", threading layer {pool['threading_layer']}"
+                if pool.get("threading_layer")
+                else ""
+            )
+        )
+    return "\n".join(lines)

@@ -1,8 +1,7 @@
 """Every tunable of fastlstm in one place: compiler flags, caching, and when to go parallel.
 
-The fastmath set keeps NaN and inf semantics (no ``nnan``/``ninf``), so NaN inputs still
-give NaN outputs and saturated activations stay exact; it allows reassociation and
-contraction into FMAs, which the vectorised gate loops need.
+The fastmath sets keep NaN and inf semantics (no ``nnan``/``ninf``), so NaN inputs still
+give NaN outputs and saturated activations stay exact.
 """
 
 from __future__ import annotations
@@ -11,7 +10,12 @@ import warnings
 
 import numba
 
-FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
+FASTMATH = {"nsz"}
+# Reductions (dot products) vectorise only if the sum may be reassociated; they get this set.
+# Element-wise loops keep the stricter one above: with reassociation or reciprocal
+# approximations LLVM may compile a loop's vector body and its scalar remainder
+# differently, and results would then depend on how rows are split across threads.
+FASTMATH_REDUCTIONS = FASTMATH | {"reassoc", "contract"}
 
 # A layer call goes parallel (a chunk of the batch, or one direction, per thread for the
 # whole time loop) only when it has at least this many multiply-adds in its recurrent
@@ -26,7 +30,7 @@ PARALLEL_MIN_MACS = 4_000_000
 SMALL_ROW_MACS = 4096
 
 
-def jit(*args, parallel: bool = False, **kwargs):
+def jit(*args, parallel: bool = False, reductions: bool = False, **kwargs):
     """``numba.njit`` with fastlstm's flags and ``cache=True``, falling back to no cache.
 
     Numba raises at decoration time when it finds no writable cache folder (an installed
@@ -37,7 +41,7 @@ def jit(*args, parallel: bool = False, **kwargs):
         # error_model="numpy": float division without Python's ZeroDivisionError check,
         # which would otherwise keep every loop with a division from vectorising.
         options = {
-            "fastmath": FASTMATH,
+            "fastmath": FASTMATH_REDUCTIONS if reductions else FASTMATH,
             "parallel": parallel,
             "nogil": True,
             "error_model": "numpy",

@@ -48,7 +48,7 @@ from fastlstm._config import SMALL_ROW_MACS, jit
 # ----------------------------------------------------------------------------- products
 
 
-@jit
+@jit(reductions=True)
 def _matmul_abt(c, a, b, accumulate):
     """c = a @ b.T (+ c if accumulate); a hand-written loop when the product is tiny."""
     m, k = a.shape
@@ -95,45 +95,49 @@ def _transpose(w):
     return out
 
 
+# The row-by-row loops below index arrays directly instead of slicing per row: every view
+# made inside a loop costs reference-count updates that dwarf a tiny row's arithmetic.
+
+
 @jit
 def _small_product_into_gates(xp, d, t, lo, hidden, src, w_t, g0, g1, row_sum):
     """Tiny sizes: xp[d, g0:g1, t] += src @ w_t[:, g0*H:g1*H], all gates of a row at once.
 
     src (rows, K); w_t (K, 4H) the transposed weights; row_sum (4H,) scratch. The inner
-    loop runs over every gate column of a row, long enough to vectorise when H is small.
+    loop runs over every gate column of a row (long enough to vectorise when H is small);
+    it indexes w_t directly: views made per row cost reference counting, and a view-to-view
+    loop gets fully unrolled as scalar code.
     """
     rows, inner = src.shape
     c0 = g0 * hidden
-    c1 = g1 * hidden
+    width = (g1 - g0) * hidden
     for r in range(rows):
-        for col in range(c0, c1):
+        for col in range(width):
             row_sum[col] = 0
         for q in range(inner):
             coef = src[r, q]
-            w_row = w_t[q]
-            for col in range(c0, c1):
-                row_sum[col] += coef * w_row[col]
-        for g in range(g0, g1):
-            block = xp[d, g, t, lo + r * hidden : lo + (r + 1) * hidden]
+            for col in range(width):
+                row_sum[col] += coef * w_t[q, c0 + col]
+        base = lo + r * hidden
+        for g in range(g1 - g0):
             for j in range(hidden):
-                block[j] += row_sum[g * hidden + j]
+                xp[d, g0 + g, t, base + j] += row_sum[g * hidden + j]
 
 
-@jit
+@jit(reductions=True)
 def _small_recurrent_grad(dh_next, xp, d, t, lo, hidden, w_hh_t, row_grad):
     """Tiny sizes: dh_next = sum_g dL/da_g @ W_hh[g]: per row, 4H-long dot products."""
     rows, out_size = dh_next.shape
     gates = 4 * hidden
     for r in range(rows):
+        base = lo + r * hidden
         for g in range(4):
-            block = xp[d, g, t, lo + r * hidden : lo + (r + 1) * hidden]
             for j in range(hidden):
-                row_grad[g * hidden + j] = block[j]
+                row_grad[g * hidden + j] = xp[d, g, t, base + j]
         for q in range(out_size):
-            w_row = w_hh_t[q]
             acc = row_grad[0] * 0
             for col in range(gates):
-                acc += row_grad[col] * w_row[col]
+                acc += row_grad[col] * w_hh_t[q, col]
             dh_next[r, q] = acc
 
 
@@ -575,7 +579,7 @@ def layer_backward_parallel(
         )  # fmt: skip
 
 
-@jit
+@jit(reductions=True)
 def _dense_gradients_small(dx, gw_ih, gw_hh, gbias, xp, x, hprev, w_ih, d):
     """Tiny sizes: dW_ih, dW_hh, the bias and dx of direction d, row by row over all 4H
     gate columns at once (the gate-major dL/da of a row gathered into one vector)."""
@@ -593,9 +597,8 @@ def _dense_gradients_small(dx, gw_ih, gw_hh, gbias, xp, x, hprev, w_ih, d):
         t = row // batch
         b = row - t * batch
         for g in range(4):
-            block = xp[d, g, t, b * hidden : (b + 1) * hidden]
             for j in range(hidden):
-                da[g * hidden + j] = block[j]
+                da[g * hidden + j] = xp[d, g, t, b * hidden + j]
         for col in range(gates):
             gbias[d, col] += da[col]
         for i in range(width):  # dW_ih += da^T x

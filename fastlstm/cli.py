@@ -36,8 +36,9 @@ def _add_threads(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--threads",
         type=_positive_int,
-        default=2,
-        help="threads on each side (fastlstm, torch, ONNX Runtime); default 2",
+        default=None,
+        help="threads on each side (fastlstm, torch, ONNX Runtime); default 2 (1 on a "
+        "one-CPU machine)",
     )
 
 
@@ -188,18 +189,21 @@ def _demo_missing(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     return 2
 
 
-def _check_threads(parser: argparse.ArgumentParser, n: int) -> None:
+def _check_threads(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Resolve the default --threads and refuse more than Numba can use."""
     import numba
 
     highest = numba.config.NUMBA_NUM_THREADS
-    if n > highest:
-        parser.error(f"--threads {n}: this machine gives Numba at most {highest} threads")
+    if args.threads is None:
+        args.threads = min(2, highest)
+    if args.threads > highest:
+        parser.error(f"--threads {args.threads}: this machine gives Numba at most {highest}")
 
 
 def _run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from fastlstm import bench
 
-    _check_threads(parser, args.threads)
+    _check_threads(parser, args)
     try:
         shapes = bench.parse_shapes(args.shapes)
     except ValueError as exc:
@@ -258,7 +262,7 @@ def _run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 def _run_profile(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from fastlstm import bench, profile
 
-    _check_threads(parser, args.threads)
+    _check_threads(parser, args)
     if args.dropout and args.layers == 1:
         parser.error("--dropout applies between layers: it needs --layers > 1")
     shape = bench.Shape(

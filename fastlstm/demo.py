@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -525,6 +526,7 @@ def _print_header(config: Config, parameters: int, threads: int) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run ``fastlstm demo`` with parsed ``args``; return the exit status (module docstring)."""
     config = Config.from_args(args)
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     print_every = 0 if args.quiet else args.print_every
     progress = False if args.quiet else None  # None: a bar only when stderr is a terminal
     problem = make_problem(config)
@@ -580,6 +582,12 @@ def run(args: argparse.Namespace) -> int:
     print()
     print(f"timing: {_plural(config.steps, 'step')} each from the same initial weights, "
           f"{_plural(threads, 'thread')} each, one warm-up step apart")  # fmt: skip
+    cpus = os.cpu_count() or 1
+    if load_before is not None and load_before > 0.5 * cpus:  # the rule of fastlstm bench
+        print(f"  note: the machine was busy before the run (1-minute load average "
+              f"{load_before:.1f} on {_plural(cpus, 'CPU')}):\n"
+              "        these times include other work's; torch's spin-waiting OpenMP "
+              "threads suffer most")  # fmt: skip
     timings = [mine]
     if args.no_peers:
         timings.append(Timing("peers", missing="--no-peers"))

@@ -26,6 +26,10 @@ ONNX's conventions, and how the graph maps torch's onto them:
   torch's (T, B, D*H); ``sequence_lens`` (int32, B) carries the lengths. ONNX Runtime's
   CPU LSTM runs the reverse direction over each sequence's own valid steps and zeroes the
   outputs at padded steps: torch's packed-sequence semantics (``tests/test_peers.py``).
+  One difference: for a sequence of length 0 (which torch refuses) ONNX Runtime returns
+  h_n = c_n = 0, where fastlstm returns h0 and c0 (DESIGN.md);
+- ONNX Runtime's CPU LSTM has no float64 kernel ("does not support double yet" in 1.32):
+  :func:`ort_supports_float64` asks the installed version.
 """
 
 from __future__ import annotations
@@ -117,12 +121,12 @@ def ort_supports_float64() -> bool:
     if _ORT_FLOAT64 is None:
         from fastlstm import LSTM
 
-        probe = OrtRunner(LSTM(1, 1, dtype=np.float64, seed=0), threads=1)
-        probe.log_severity_level = 4  # fatal only: the refusal is the answer, not an error
         try:
+            probe = OrtRunner(LSTM(1, 1, dtype=np.float64, seed=0), threads=1)
+            probe.log_severity_level = 4  # fatal only: the refusal is the answer, not an error
             probe.forward(np.zeros((1, 1, 1)))
             _ORT_FLOAT64 = True
-        except Exception:  # onnxruntime: NOT_IMPLEMENTED / no kernel for type double
+        except Exception:  # not installed, or NOT_IMPLEMENTED: "does not support double yet"
             _ORT_FLOAT64 = False
     return _ORT_FLOAT64
 

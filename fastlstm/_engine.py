@@ -9,8 +9,8 @@ Python loop is over layers.
 
 from __future__ import annotations
 
+import functools
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,44 +49,48 @@ class LayerCache:
     mask: np.ndarray | None  # dropout mask applied to this layer's output
 
 
-@contextmanager
-def _phase(timings: dict[str, float] | None, name: str):
-    """Add the wall time of the block to ``timings[name]`` (when profiling; else nothing)."""
+def _timed(timings: dict[str, float] | None, name: str, function, *args):
+    """Call ``function(*args)``; when profiling, add its wall time to ``timings[name]``."""
     if timings is None:
-        yield
-        return
+        return function(*args)
     start = time.perf_counter()
-    yield
+    result = function(*args)
     timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+    return result
 
 
-def _empty(dtype, ndim: int) -> np.ndarray:
+@functools.cache
+def _empty(dtype: np.dtype, ndim: int) -> np.ndarray:
+    """A shared zero-size array: the stand-in kernels take for an absent option or store.
+
+    Zero-size arrays hold nothing to write, so one per (dtype, ndim) serves every call.
+    """
     return np.zeros((0,) * ndim, dtype)
 
 
-def _optional(array: np.ndarray | None, directions: int, dtype) -> np.ndarray:
-    """The array, or the empty (D, 0, 0) stand-in kernels take for an absent option."""
-    return array if array is not None else np.zeros((directions, 0, 0), dtype)
+def _optional(array: np.ndarray | None, dtype: np.dtype) -> np.ndarray:
+    """The array, or the empty 3-D stand-in kernels take for an absent option."""
+    return array if array is not None else _empty(dtype, 3)
 
 
 def _summed_bias(layer: LayerArrays) -> np.ndarray:
     """b_ih + b_hh (+ b_ch): every bias adds to the same pre-activation."""
-    directions, gates, _ = layer.w_hh.shape
-    bias = np.zeros((directions, gates), layer.w_hh.dtype)
-    for part in (layer.b_ih, layer.b_hh, layer.b_ch):
-        if part is not None:
-            bias += part
+    parts = [part for part in (layer.b_ih, layer.b_hh, layer.b_ch) if part is not None]
+    if not parts:
+        return np.zeros(layer.w_hh.shape[:2], layer.w_hh.dtype)
+    bias = parts[0].copy()
+    for part in parts[1:]:
+        bias += part
     return bias
 
 
 def _plan(steps: int, batch: int, directions: int, gates: int, out_size: int):
     """How many batch chunks per direction, and whether to run the parallel kernel."""
+    if steps * batch * directions * gates * out_size < PARALLEL_MIN_MACS:
+        return 1, False  # too little work to wake threads for
     threads = get_num_threads()
-    macs = steps * batch * directions * gates * out_size
-    if threads < 2 or macs < PARALLEL_MIN_MACS:
-        return 1, False
     chunks = max(1, min(batch, threads // directions))
-    return chunks, directions * chunks > 1
+    return chunks, threads > 1 and directions * chunks > 1
 
 
 def _run(kernel, args, parallel: bool) -> None:
@@ -128,8 +132,8 @@ def forward(
         width = layer_in.shape[2]
         inputs = layer_in.reshape(steps * batch, width)
         xp = np.empty((directions, 4, steps, batch * hidden), dtype)
-        with _phase(timings, "input_gemm"):
-            _kernels.project_inputs(xp, inputs, layer.w_ih, _summed_bias(layer))
+        bias = _summed_bias(layer)
+        _timed(timings, "input_gemm", _kernels.project_inputs, xp, inputs, layer.w_ih, bias)
         out = np.empty((steps, batch, directions * out_size), dtype)
         if training:
             hprev = np.empty((directions, steps, batch, out_size), dtype)
@@ -141,18 +145,13 @@ def forward(
         rows = slice(k * directions, (k + 1) * directions)
         args = (
             out, h_n[rows], c_n[rows], xp, hprev, cstate, mstore, h0[rows], c0[rows],
-            layer.w_hh, _optional(layer.w_hr, directions, dtype),
-            _optional(layer.peep, directions, dtype), _optional(layer.w_ch, directions, dtype),
-            lengths, chunks, training,
+            layer.w_hh, _optional(layer.w_hr, dtype), _optional(layer.peep, dtype),
+            _optional(layer.w_ch, dtype), lengths, chunks, training,
         )  # fmt: skip
-        with _phase(timings, "time_loop"):
-            _run(kernel, args, parallel)
+        _timed(timings, "time_loop", _run, kernel, args, parallel)
         mask = None
         if training and dropout > 0 and k < len(layers) - 1:
-            with _phase(timings, "dropout"):
-                keep = rng.random(out.shape) >= dropout
-                scale = 0.0 if dropout >= 1 else 1.0 / (1.0 - dropout)
-                mask = (keep * scale).astype(dtype)
+            mask = _timed(timings, "dropout", _dropout_mask, rng, out.shape, dropout, dtype)
         if training:
             caches.append(LayerCache(inputs, xp, hprev, cstate, mstore, h0[rows], c0[rows], mask))
         layer_in = out * mask if mask is not None else out
@@ -193,19 +192,25 @@ def backward(
         args = (
             cache.xp, dh0[rows], dc0[rows], dhstore, np.ascontiguousarray(d_layer_out),
             dh_n[rows], dc_n[rows], cache.cstate, cache.c0,
-            layer.w_hh, _optional(layer.w_hr, directions, dtype),
-            _optional(layer.peep, directions, dtype), _optional(layer.w_ch, directions, dtype),
-            lengths, chunks,
+            layer.w_hh, _optional(layer.w_hr, dtype), _optional(layer.peep, dtype),
+            _optional(layer.w_ch, dtype), lengths, chunks,
         )  # fmt: skip
-        with _phase(timings, "backward_time_loop"):
-            _run(kernel, args, parallel)
-        with _phase(timings, "weight_gradients"):
-            d_layer_in = _weight_gradients(layer, grad, cache, dhstore)
+        _timed(timings, "backward_time_loop", _run, kernel, args, parallel)
+        d_layer_in = _timed(
+            timings, "weight_gradients", _weight_gradients, layer, grad, cache, dhstore
+        )
         if k > 0:
             below = caches[k - 1].mask
             d_layer_in = d_layer_in.reshape(steps, batch, -1)
             d_layer_out = d_layer_in * below if below is not None else d_layer_in
     return d_layer_in.reshape(steps, batch, -1), dh0, dc0
+
+
+def _dropout_mask(rng, shape, dropout: float, dtype) -> np.ndarray:
+    """Inverted dropout: 0 with probability ``dropout``, else 1 / (1 - dropout)."""
+    keep = rng.random(shape) >= dropout
+    scale = 0.0 if dropout >= 1 else 1.0 / (1.0 - dropout)
+    return (keep * scale).astype(dtype)
 
 
 def _weight_gradients(layer, grad, cache, dhstore):
@@ -217,8 +222,7 @@ def _weight_gradients(layer, grad, cache, dhstore):
     bias_grad = np.zeros((directions, gates), dtype)
     _kernels.weight_gradients(
         d_inputs, grad.w_ih, grad.w_hh, bias_grad,
-        _optional(grad.w_hr, directions, dtype), _optional(grad.peep, directions, dtype),
-        _optional(grad.w_ch, directions, dtype),
+        _optional(grad.w_hr, dtype), _optional(grad.peep, dtype), _optional(grad.w_ch, dtype),
         cache.xp, inputs, cache.hprev, cache.cstate, cache.c0, cache.mstore, dhstore,
         layer.w_ih,
     )  # fmt: skip

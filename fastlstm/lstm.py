@@ -258,10 +258,10 @@ class LSTM(Module):
         """
         x_time_major, batched = self._check_input(x)
         steps, batch, _ = x_time_major.shape
+        given_lengths = lengths is not None
         lengths = lengths_array(lengths, steps, batch)
         h0, c0 = self._check_state(state, batch, batched)
-        padded = lengths < steps
-        if padded.any():
+        if given_lengths and (lengths < steps).any():
             # Zero the padding so nothing in it (NaN included) can reach any gradient.
             valid = np.arange(steps)[:, None] < lengths[None, :]
             x_time_major = np.where(valid[:, :, None], x_time_major, 0).astype(self.dtype)

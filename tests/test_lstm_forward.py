@@ -1,0 +1,705 @@
+"""fl.LSTM forward: vs torch.nn.LSTM, vs fastlstm.reference on edge shapes and odd inputs,
+the parallel kernels, and invariants (split runs, reverse direction, NaN, huge inputs, dtypes).
+
+The helpers at the top (torch_twin, torch_run, reference_run, ...) are shared by the other
+LSTM test files, which import them by name.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from utils import assert_close
+
+import fastlstm as fl
+from fastlstm import _engine, _kernels
+from fastlstm import reference as ref
+
+# torch's own notice when it falls back from oneDNN for proj_size > 0: not ours to report.
+pytestmark = pytest.mark.filterwarnings("ignore:LSTM with projections is not supported")
+
+TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
+
+# Sizes of the torch comparisons: P < H as torch requires, nothing a multiple of 8.
+T, B, I, H, P = 5, 4, 3, 5, 3  # noqa: E741 (I is the input size, as everywhere in fastlstm)
+LENGTHS = np.array([3, 0, 5, 1])  # unsorted, with an empty (0) and a full (T) sequence
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def torch_twin(model: fl.LSTM) -> torch.nn.LSTM:
+    """A torch.nn.LSTM with the configuration and weights of ``model`` (no dropout)."""
+    module = torch.nn.LSTM(
+        model.input_size,
+        model.hidden_size,
+        model.num_layers,
+        bias=model.bias,
+        batch_first=model.batch_first,
+        bidirectional=model.bidirectional,
+        proj_size=model.proj_size,
+        dtype=TORCH_DTYPES[model.dtype],
+    )
+    module.load_state_dict({k: torch.from_numpy(v) for k, v in model.state_dict().items()})
+    return module
+
+
+def torch_run(module: torch.nn.LSTM, x, state, lengths):
+    """torch.nn.LSTM on tensors x (in the module's layout) and state = (h0, c0).
+
+    With ``lengths``, the batch is packed (enforce_sorted=False). torch refuses zero lengths,
+    so empty sequences are left out and filled in by the contract: zero outputs, h_n = h0,
+    c_n = c0. Differentiable in x, h0 and c0.
+    """
+    if lengths is None:
+        return module(x, state)
+    lengths = np.asarray(lengths)
+    batch_first = module.batch_first
+    batch_axis = 0 if batch_first else 1
+    steps = x.shape[1 if batch_first else 0]
+    keep = torch.as_tensor(np.flatnonzero(lengths > 0))
+    h0, c0 = state
+    packed = pack_padded_sequence(
+        x.index_select(batch_axis, keep),
+        torch.as_tensor(lengths[keep.numpy()]),
+        batch_first=batch_first,
+        enforce_sorted=False,
+    )
+    out_packed, (h_kept, c_kept) = module(packed, (h0[:, keep], c0[:, keep]))
+    out_kept, _ = pad_packed_sequence(out_packed, batch_first=batch_first, total_length=steps)
+    shape = (*x.shape[:2], out_kept.shape[-1])
+    out = x.new_zeros(shape).index_copy(batch_axis, keep, out_kept)
+    return out, (h0.index_copy(1, keep, h_kept), c0.index_copy(1, keep, c_kept))
+
+
+def random_state(rng, model: fl.LSTM, batch: int | None = B, dtype=None):
+    """(h0, c0) of the model's shapes (unbatched when ``batch`` is None), N(0, 0.25)."""
+    count = model.num_layers * (2 if model.bidirectional else 1)
+    lead = (count,) if batch is None else (count, batch)
+    h0 = 0.5 * rng.standard_normal((*lead, model.proj_size or model.hidden_size))
+    c0 = 0.5 * rng.standard_normal((*lead, model.hidden_size))
+    dtype = model.dtype if dtype is None else dtype
+    return h0.astype(dtype), c0.astype(dtype)
+
+
+def to_layout(x_time_major: np.ndarray, batch_first: bool) -> np.ndarray:
+    """(T, B, F) to the caller's layout, as a fresh C-contiguous array."""
+    return np.ascontiguousarray(x_time_major.transpose(1, 0, 2) if batch_first else x_time_major)
+
+
+def reference_run(model, x_time_major, state=None, lengths=None, masks=None):
+    """fastlstm.reference in float64 on the model's parameters; x time-major (T, B, I)."""
+    params = {name: value.astype(np.float64) for name, value in model.params.items()}
+    if state is not None:
+        state = tuple(np.asarray(s, dtype=np.float64) for s in state)
+    return ref.lstm_forward(
+        np.asarray(x_time_major, dtype=np.float64),
+        params,
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        proj_size=model.proj_size,
+        bidirectional=model.bidirectional,
+        peephole=model.peephole,
+        state=state,
+        lengths=lengths,
+        dropout_masks=masks,
+    )
+
+
+def padding_mask(lengths, steps: int) -> np.ndarray:
+    """(T, B) True at padded steps t >= n."""
+    return np.arange(steps)[:, None] >= np.asarray(lengths)[None, :]
+
+
+dtypes = pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+directions = pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+layouts = pytest.mark.parametrize("batch_first", [False, True], ids=["time-major", "batch-first"])
+states = pytest.mark.parametrize("with_state", [False, True], ids=["no-state", "state"])
+lengths_cases = pytest.mark.parametrize("lengths", [None, LENGTHS], ids=["full", "lengths"])
+
+
+# ----------------------------------------------------------------------------------------------
+# vs torch.nn.LSTM
+# ----------------------------------------------------------------------------------------------
+
+
+def check_forward_against_torch(rng, model, lengths, with_state):
+    """Forward in eval and in training mode (identical numbers) vs torch, in the model's layout."""
+    dtype = model.dtype
+    module = torch_twin(model)
+    x = to_layout(rng.standard_normal((T, B, I)).astype(dtype), model.batch_first)
+    h0, c0 = random_state(rng, model)
+    if not with_state:
+        h0, c0 = np.zeros_like(h0), np.zeros_like(c0)
+    state = (h0, c0) if with_state else None
+
+    model.eval()
+    out, (h_n, c_n) = model(x, state, lengths)
+    model.train()
+    out_train, (h_train, c_train) = model(x, state, lengths)
+    with torch.no_grad():
+        t_out, (t_h, t_c) = torch_run(
+            module, torch.from_numpy(x), (torch.from_numpy(h0), torch.from_numpy(c0)), lengths
+        )
+
+    assert_close(out, t_out, dtype, what="out")
+    assert_close(h_n, t_h, dtype, what="h_n")
+    assert_close(c_n, t_c, dtype, what="c_n")
+    # Training mode keeps a cache but computes the same numbers.
+    np.testing.assert_array_equal(out_train, out)
+    np.testing.assert_array_equal(h_train, h_n)
+    np.testing.assert_array_equal(c_train, c_n)
+    if lengths is not None:
+        out_time_major = out.transpose(1, 0, 2) if model.batch_first else out
+        assert np.all(out_time_major[padding_mask(lengths, T)] == 0)
+
+
+@dtypes
+@pytest.mark.parametrize("num_layers", [1, 2, 3], ids=["L1", "L2", "L3"])
+@directions
+@layouts
+@lengths_cases
+@states
+def test_forward_matches_torch(
+    rng, dtype, num_layers, bidirectional, batch_first, lengths, with_state
+):
+    model = fl.LSTM(
+        I, H, num_layers, bidirectional=bidirectional, batch_first=batch_first, dtype=dtype, seed=1
+    )
+    check_forward_against_torch(rng, model, lengths, with_state)
+
+
+@dtypes
+@pytest.mark.parametrize("num_layers", [1, 2], ids=["L1", "L2"])
+@directions
+@lengths_cases
+@states
+def test_forward_with_projection_matches_torch(
+    rng, dtype, num_layers, bidirectional, lengths, with_state
+):
+    model = fl.LSTM(I, H, num_layers, bidirectional=bidirectional, proj_size=P, dtype=dtype, seed=2)
+    check_forward_against_torch(rng, model, lengths, with_state)
+
+
+@dtypes
+def test_forward_without_bias_matches_torch(rng, dtype):
+    model = fl.LSTM(I, H, 2, bias=False, bidirectional=True, proj_size=P, dtype=dtype, seed=3)
+    assert not any(name.startswith("bias") for name in model.params)
+    check_forward_against_torch(rng, model, LENGTHS, True)
+
+
+@dtypes
+@pytest.mark.parametrize("num_layers", [1, 2], ids=["L1", "L2"])
+@directions
+@pytest.mark.parametrize("proj_size", [0, P], ids=["noproj", "proj"])
+@states
+def test_unbatched_forward_matches_torch(
+    rng, dtype, num_layers, bidirectional, proj_size, with_state
+):
+    model = fl.LSTM(
+        I, H, num_layers, bidirectional=bidirectional, proj_size=proj_size, dtype=dtype, seed=4
+    )
+    module = torch_twin(model)
+    x = rng.standard_normal((T, I)).astype(dtype)
+    h0, c0 = random_state(rng, model, batch=None)
+    state = (h0, c0) if with_state else None
+
+    out, (h_n, c_n) = model(x, state)
+    with torch.no_grad():
+        args = (torch.from_numpy(h0), torch.from_numpy(c0)) if with_state else None
+        t_out, (t_h, t_c) = module(torch.from_numpy(x), args)
+    D = 2 if bidirectional else 1
+    assert out.shape == (T, D * (proj_size or H))
+    assert h_n.shape == (num_layers * D, proj_size or H)
+    assert c_n.shape == (num_layers * D, H)
+    assert_close(out, t_out, dtype, what="out")
+    assert_close(h_n, t_h, dtype, what="h_n")
+    assert_close(c_n, t_c, dtype, what="c_n")
+
+
+@dtypes
+def test_unbatched_input_ignores_batch_first(rng, dtype):
+    """As in torch, batch_first only concerns 3-D input: (T, I) is one sequence either way."""
+    model = fl.LSTM(I, H, 2, bidirectional=True, batch_first=True, dtype=dtype, seed=4)
+    x = rng.standard_normal((T, I)).astype(dtype)
+    h0, c0 = random_state(rng, model, batch=None)
+    out, (h_n, c_n) = model(x, (h0, c0))
+    with torch.no_grad():
+        t_out, (t_h, t_c) = torch_twin(model)(
+            torch.from_numpy(x), (torch.from_numpy(h0), torch.from_numpy(c0))
+        )
+    assert_close(out, t_out, dtype, what="out")
+    assert_close(h_n, t_h, dtype, what="h_n")
+    assert_close(c_n, t_c, dtype, what="c_n")
+    dx, (dh0, dc0) = model.backward(np.ones_like(out))
+    assert dx.shape == x.shape and dh0.shape == h0.shape and dc0.shape == c0.shape
+
+
+FROM_TORCH_CASES = {
+    "plain-f32": ({}, torch.float32),
+    "bi-proj-f64": ({"num_layers": 2, "bidirectional": True, "proj_size": P}, torch.float64),
+    "L3-batch_first-no-bias-f64": (
+        {"num_layers": 3, "batch_first": True, "bias": False},
+        torch.float64,
+    ),
+    "L2-dropout-f32": ({"num_layers": 2, "dropout": 0.25}, torch.float32),
+}
+
+
+@pytest.mark.parametrize("case", list(FROM_TORCH_CASES))
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_from_torch(rng, case, training):
+    options, torch_dtype = FROM_TORCH_CASES[case]
+    torch.manual_seed(0)
+    module = torch.nn.LSTM(I, H, dtype=torch_dtype, **options).train(training)
+    model = fl.LSTM.from_torch(module)
+
+    expected_config = {
+        "input_size": I,
+        "hidden_size": H,
+        "num_layers": module.num_layers,
+        "bias": module.bias,
+        "batch_first": module.batch_first,
+        "dropout": module.dropout,
+        "bidirectional": module.bidirectional,
+        "proj_size": module.proj_size,
+        "peephole": None,
+    }
+    for name, value in expected_config.items():
+        assert getattr(model, name) == value, name
+    assert model.dtype == np.dtype(str(torch_dtype).removeprefix("torch."))
+    assert model.training == training
+    named = dict(module.named_parameters())
+    assert list(model.params) == list(named)
+    for name, p in named.items():
+        np.testing.assert_array_equal(model.params[name], p.detach().numpy(), err_msg=name)
+
+    model.eval()
+    module.eval()
+    x = rng.standard_normal((B, T, I) if module.batch_first else (T, B, I))
+    x = x.astype(model.dtype)
+    out, (h_n, c_n) = model(x)
+    with torch.no_grad():
+        t_out, (t_h, t_c) = module(torch.from_numpy(x))
+    assert_close(out, t_out, model.dtype, what="out")
+    assert_close(h_n, t_h, model.dtype, what="h_n")
+    assert_close(c_n, t_c, model.dtype, what="c_n")
+
+    # Copies, not views: editing the torch module afterwards leaves the model alone.
+    before = model.state_dict()
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(1.0)
+    for name, value in before.items():
+        np.testing.assert_array_equal(model.params[name], value, err_msg=name)
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels vs fastlstm.reference on edge shapes (the product switches to BLAS at 4H*P > 4096)
+# ----------------------------------------------------------------------------------------------
+
+EDGE_SHAPES = {
+    # name: (T, B, I, H, proj_size, num_layers, bidirectional, lengths)
+    "B1": (5, 1, 3, 5, 0, 2, True, [4]),
+    "T1": (1, 4, 3, 5, 0, 2, True, [1, 0, 1, 1]),
+    "H1": (4, 3, 2, 1, 0, 2, True, [4, 1, 0]),
+    "H13": (4, 3, 3, 13, 0, 1, True, [2, 4, 0]),
+    "H13-proj5": (4, 3, 3, 13, 5, 2, False, [2, 4, 3]),
+    "H32-last-hand-written": (3, 3, 4, 32, 0, 1, False, [3, 1, 2]),
+    "H33-first-blas": (3, 3, 4, 33, 0, 1, False, [3, 1, 2]),
+    "H40-blas": (4, 3, 5, 40, 0, 2, True, [4, 2, 0]),
+    "H40-proj29-blas": (3, 2, 5, 40, 29, 1, True, [3, 1]),
+}
+
+
+@dtypes
+@pytest.mark.parametrize("shape", list(EDGE_SHAPES))
+def test_kernels_match_reference_on_edge_shapes(rng, dtype, shape):
+    steps, batch, width, hidden, proj, layers, bidirectional, lengths = EDGE_SHAPES[shape]
+    lengths = np.array(lengths)
+    model = fl.LSTM(
+        width, hidden, layers, bidirectional=bidirectional, proj_size=proj, dtype=dtype, seed=5
+    )
+    x = rng.standard_normal((steps, batch, width)).astype(dtype)
+    state = random_state(rng, model, batch)
+    for run_lengths in (None, lengths):
+        model.zero_grad()
+        out, (h_n, c_n) = model(x, state, run_lengths)
+        r_out, (r_h, r_c), cache = reference_run(model, x, state, run_lengths)
+        assert_close(out, r_out, dtype, what="out")
+        assert_close(h_n, r_h, dtype, what="h_n")
+        assert_close(c_n, r_c, dtype, what="c_n")
+
+        dout = rng.standard_normal(out.shape).astype(dtype)
+        dh_n, dc_n = random_state(rng, model, batch)
+        dx, (dh0, dc0) = model.backward(dout, dh_n, dc_n)
+        r_dx, (r_dh0, r_dc0), r_grads = ref.lstm_backward(dout, dh_n, dc_n, cache)
+        assert_close(dx, r_dx, dtype, what="dx")
+        assert_close(dh0, r_dh0, dtype, what="dh0")
+        assert_close(dc0, r_dc0, dtype, what="dc0")
+        for name in model.params:
+            assert_close(model.grads[name], r_grads[name], dtype, what=name)
+
+
+def input_variants(x: np.ndarray) -> dict[str, object]:
+    """The same numbers as ``x`` in every form the API promises to accept."""
+    holder = np.zeros((x.shape[0], 2 * x.shape[1], 3 * x.shape[2]), dtype=x.dtype)
+    holder[:, ::2, 1::3] = x
+    fortran = np.asfortranarray(x)
+    read_only = x.copy()
+    read_only.setflags(write=False)
+    return {
+        "strided-view": holder[:, ::2, 1::3],
+        "fortran-order": fortran,
+        "read-only": read_only,
+        "list": x.tolist(),
+        "torch-tensor": torch.from_numpy(x.copy()),
+        "torch-requires-grad": torch.tensor(x, requires_grad=True),
+        "other-float-dtype": x.astype(np.float32 if x.dtype == np.float64 else np.float64),
+    }
+
+
+@dtypes
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_input_forms_give_identical_results(rng, dtype, training):
+    model = fl.LSTM(I, H, 2, bidirectional=True, proj_size=P, dtype=dtype, seed=6).train(training)
+    # Values exact in float32 so that every form holds the same numbers.
+    x = rng.standard_normal((T, B, I)).astype(np.float32).astype(dtype)
+    state = random_state(rng, model)
+    for run_lengths in (None, LENGTHS):
+        out, (h_n, c_n) = model(x, state, run_lengths)
+        r_out, _, _ = reference_run(model, x, state, run_lengths)
+        assert_close(out, r_out, dtype, what="out")
+        for form, value in input_variants(x).items():
+            got, (got_h, got_c) = model(value, state, run_lengths)
+            assert got.dtype == dtype, form
+            np.testing.assert_array_equal(got, out, err_msg=form)
+            np.testing.assert_array_equal(got_h, h_n, err_msg=form)
+            np.testing.assert_array_equal(got_c, c_n, err_msg=form)
+
+
+@dtypes
+def test_integer_input_is_converted(rng, dtype):
+    model = fl.LSTM(I, H, 2, dtype=dtype, seed=7)
+    x_int = rng.integers(-3, 4, size=(T, B, I))
+    out, (h_n, c_n) = model(x_int)
+    expected, (e_h, e_c) = model(x_int.astype(dtype))
+    for got, want in [(out, expected), (h_n, e_h), (c_n, e_c)]:
+        assert got.dtype == dtype
+        np.testing.assert_array_equal(got, want)
+    r_out, _, _ = reference_run(model, x_int)
+    assert_close(out, r_out, dtype, what="out")
+
+
+def transposed_copy(a: np.ndarray) -> np.ndarray:
+    """The values of ``a`` as a non-contiguous view (axes reversed in memory)."""
+    return np.ascontiguousarray(a.transpose(2, 1, 0)).transpose(2, 1, 0)
+
+
+@dtypes
+def test_state_and_lengths_forms_give_identical_results(rng, dtype):
+    model = fl.LSTM(I, H, 2, bidirectional=True, dtype=dtype, seed=8)
+    x = rng.standard_normal((T, B, I)).astype(dtype)
+    h0, c0 = random_state(rng, model)
+    out, (h_n, c_n) = model(x, (h0, c0), LENGTHS)
+    read_only = [h0.copy(), c0.copy()]
+    for array in read_only:
+        array.setflags(write=False)
+    forms = {
+        "list-state": ([h0, c0], LENGTHS),
+        "torch-state-and-lengths": (
+            (torch.from_numpy(h0), torch.from_numpy(c0)),
+            torch.from_numpy(LENGTHS),
+        ),
+        "read-only-state": (tuple(read_only), LENGTHS),
+        "strided-state": ((transposed_copy(h0), np.asfortranarray(c0)), LENGTHS.tolist()),
+        "int32-lengths": ((h0, c0), LENGTHS.astype(np.int32)),
+        "uint8-lengths": ((h0, c0), LENGTHS.astype(np.uint8)),
+    }
+    for form, (state, lengths) in forms.items():
+        got, (got_h, got_c) = model(x, state, lengths)
+        np.testing.assert_array_equal(got, out, err_msg=form)
+        np.testing.assert_array_equal(got_h, h_n, err_msg=form)
+        np.testing.assert_array_equal(got_c, c_n, err_msg=form)
+
+
+# ----------------------------------------------------------------------------------------------
+# The parallel kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Count the calls of each layer kernel (the engine looks them up at call time)."""
+    calls = {}
+    for name in (
+        "layer_forward_serial",
+        "layer_forward_parallel",
+        "layer_backward_serial",
+        "layer_backward_parallel",
+    ):
+        original = getattr(_kernels, name)
+        calls[name] = 0
+
+        def spy(*args, _name=name, _original=original):
+            calls[_name] += 1
+            return _original(*args)
+
+        monkeypatch.setattr(_kernels, name, spy)
+    return calls
+
+
+@pytest.fixture
+def restore_threads():
+    previous = fl.get_num_threads()
+    yield
+    fl.set_num_threads(previous)
+
+
+def run_forward_backward(model, x, state, lengths, dout, dh_n, dc_n):
+    model.zero_grad()
+    out, (h_n, c_n) = model(x, state, lengths)
+    dx, (dh0, dc0) = model.backward(dout, dh_n, dc_n)
+    results = {"out": out, "h_n": h_n, "c_n": c_n, "dx": dx, "dh0": dh0, "dc0": dc0}
+    results |= {f"grad {name}": value.copy() for name, value in model.grads.items()}
+    return results
+
+
+def compare_serial_and_parallel(rng, kernel_calls, model, batch, lengths, *, ulps=0):
+    """One forward/backward with 1 thread, one with 2, and the parallel one vs the reference.
+
+    The two runs agree to within ``ulps`` units in the last place of each array's largest
+    entry (0: bit-identical).
+    """
+    dtype = model.dtype
+    x = rng.standard_normal((T, batch, I)).astype(dtype)
+    state = random_state(rng, model, batch)
+    D = 2 if model.bidirectional else 1
+    dout = rng.standard_normal((T, batch, D * (model.proj_size or model.hidden_size)))
+    dout = dout.astype(dtype)
+    dh_n, dc_n = random_state(rng, model, batch)
+    args = (x, state, lengths, dout, dh_n, dc_n)
+
+    fl.set_num_threads(1)
+    serial = run_forward_backward(model, *args)
+    assert kernel_calls["layer_forward_parallel"] == kernel_calls["layer_backward_parallel"] == 0
+    assert kernel_calls["layer_forward_serial"] == kernel_calls["layer_backward_serial"] > 0
+    fl.set_num_threads(2)
+    parallel = run_forward_backward(model, *args)
+    assert kernel_calls["layer_forward_parallel"] == model.num_layers
+    assert kernel_calls["layer_backward_parallel"] == model.num_layers
+    model.eval()  # the inference path of the parallel kernel keeps nothing, same numbers
+    out_eval, (h_eval, c_eval) = model(x, state, lengths)
+    model.train()
+    assert kernel_calls["layer_forward_parallel"] == 2 * model.num_layers
+    np.testing.assert_array_equal(out_eval, parallel["out"])
+    np.testing.assert_array_equal(h_eval, parallel["h_n"])
+    np.testing.assert_array_equal(c_eval, parallel["c_n"])
+
+    for name, value in serial.items():
+        if ulps == 0:
+            np.testing.assert_array_equal(parallel[name], value, err_msg=name)
+        else:
+            atol = ulps * np.finfo(dtype).eps * np.abs(value).max()
+            np.testing.assert_allclose(parallel[name], value, rtol=0, atol=atol, err_msg=name)
+
+    r_out, (r_h, r_c), cache = reference_run(model, x, state, lengths)
+    r_dx, (r_dh0, r_dc0), r_grads = ref.lstm_backward(dout, dh_n, dc_n, cache)
+    expected = {"out": r_out, "h_n": r_h, "c_n": r_c, "dx": r_dx, "dh0": r_dh0, "dc0": r_dc0}
+    expected |= {f"grad {name}": value for name, value in r_grads.items()}
+    for name, value in expected.items():
+        assert_close(parallel[name], value, dtype, what=name)
+
+
+PARALLEL_CASES = {
+    # name: (model options, batch, lengths). One direction: the batch is split into two chunks,
+    # one per thread; two directions: one task per direction.
+    "uni-B4-two-chunks": ({}, 4, None),
+    "uni-B5-uneven-chunks": ({}, 5, np.array([5, 0, 3, 5, 1])),
+    "uni-proj-full-peephole": ({"proj_size": P, "peephole": "full"}, 5, np.array([5, 2, 0, 4, 1])),
+    "bi-one-task-per-direction": ({"bidirectional": True}, 4, LENGTHS),
+    "bi-proj": ({"bidirectional": True, "proj_size": P}, 4, LENGTHS),
+    "bi-diagonal-peephole": (
+        {"bidirectional": True, "peephole": "diagonal"},
+        3,
+        np.array([2, 5, 0]),
+    ),
+}
+
+
+@dtypes
+@pytest.mark.parametrize("case", list(PARALLEL_CASES))
+def test_parallel_kernels_match_serial_forced(
+    rng, monkeypatch, kernel_calls, restore_threads, dtype, case
+):
+    """PARALLEL_MIN_MACS = 0 sends even tiny layers to the parallel kernels when 2 threads run.
+
+    At these sizes every product is fastlstm's own row-by-row loop (no BLAS), and a row's
+    arithmetic does not depend on which thread runs it: bit-identical to one thread.
+    """
+    options, batch, lengths = PARALLEL_CASES[case]
+    monkeypatch.setattr(_engine, "PARALLEL_MIN_MACS", 0)
+    model = fl.LSTM(I, H, 2, dtype=dtype, seed=9, **options)
+    compare_serial_and_parallel(rng, kernel_calls, model, batch, lengths)
+
+
+@dtypes
+def test_parallel_kernels_above_the_natural_threshold(rng, kernel_calls, restore_threads, dtype):
+    """T*B*D*4H*P = 5*4*2*640*160 >= 4e6: parallel without any patching, BLAS inside each task.
+
+    Here the weight gradients are BLAS products, run on 1 or 2 BLAS threads, which may split
+    their sums differently: equal within 4 ulp of each array's largest entry (about 1 seen).
+    """
+    hidden = 160
+    model = fl.LSTM(I, hidden, 1, bidirectional=True, dtype=dtype, seed=10)
+    assert T * 4 * 2 * 4 * hidden * hidden >= _engine.PARALLEL_MIN_MACS
+    compare_serial_and_parallel(rng, kernel_calls, model, 4, LENGTHS, ulps=4)
+
+
+# ----------------------------------------------------------------------------------------------
+# Invariants
+# ----------------------------------------------------------------------------------------------
+
+
+@dtypes
+@lengths_cases
+def test_two_halves_with_carried_state_equal_one_run(rng, dtype, lengths):
+    model = fl.LSTM(I, H, 2, proj_size=P, dtype=dtype, seed=11).eval()
+    x = rng.standard_normal((T, B, I)).astype(dtype)
+    state = random_state(rng, model)
+    split = 2
+    out, (h_n, c_n) = model(x, state, lengths)
+    first_lengths = None if lengths is None else np.minimum(lengths, split)
+    second_lengths = None if lengths is None else np.maximum(lengths - split, 0)
+    out1, state1 = model(x[:split], state, first_lengths)
+    out2, (h2, c2) = model(x[split:], state1, second_lengths)
+    assert_close(np.concatenate([out1, out2]), out, dtype, what="out")
+    assert_close(h2, h_n, dtype, what="h_n")
+    assert_close(c2, c_n, dtype, what="c_n")
+
+
+@dtypes
+def test_reverse_direction_runs_over_each_sequence_own_steps(rng, dtype):
+    """The reverse half of out starts at each sequence's last valid step, as torch packs it."""
+    model = fl.LSTM(I, H, 1, bidirectional=True, dtype=dtype, seed=12)
+    x = rng.standard_normal((T, B, I)).astype(dtype)
+    h0, c0 = random_state(rng, model)
+    out, (h_n, c_n) = model(x, (h0, c0), LENGTHS)
+
+    with torch.no_grad():
+        t_out, (t_h, t_c) = torch_run(
+            torch_twin(model), torch.from_numpy(x), (torch.from_numpy(h0), torch.from_numpy(c0)),
+            LENGTHS,
+        )  # fmt: skip
+    assert_close(out[..., H:], t_out[..., H:], dtype, what="reverse out")
+    assert_close(h_n[1], t_h[1], dtype, what="reverse h_n")
+    assert_close(c_n[1], t_c[1], dtype, what="reverse c_n")
+
+    # The same from a one-direction model with the reverse weights, run on each flipped sequence.
+    backward_only = fl.LSTM(I, H, 1, dtype=dtype)
+    for name in backward_only.params:
+        backward_only.params[name][...] = model.params[name + "_reverse"]
+    for b, n in enumerate(LENGTHS):
+        if n == 0:
+            assert np.all(out[:, b] == 0)
+            np.testing.assert_array_equal(h_n[1, b], h0[1, b])
+            continue
+        r_out, (r_h, r_c) = backward_only(x[:n, b][::-1], (h0[1:, b], c0[1:, b]))
+        assert_close(out[:n, b, H:], r_out[::-1], dtype, what=f"sequence {b}")
+        assert np.all(out[n:, b] == 0)
+        assert_close(h_n[1, b], r_h[0], dtype, what=f"h_n of sequence {b}")
+        assert_close(c_n[1, b], r_c[0], dtype, what=f"c_n of sequence {b}")
+
+
+def deep_run(model, x, lengths, dout):
+    model.zero_grad()
+    state = random_state(np.random.default_rng(1), model)
+    out, (h_n, c_n) = model(x, state, lengths)
+    dx, (dh0, dc0) = model.backward(dout, np.ones_like(h_n), np.ones_like(c_n))
+    results = {"out": out, "h_n": h_n, "c_n": c_n, "dx": dx, "dh0": dh0, "dc0": dc0}
+    return results, {name: value.copy() for name, value in model.grads.items()}
+
+
+@dtypes
+@lengths_cases
+def test_nan_in_one_sequence_stays_in_that_sequence(rng, dtype, lengths):
+    model = fl.LSTM(I, H, 2, bidirectional=True, proj_size=P, dtype=dtype, seed=13)
+    x = rng.standard_normal((T, B, I)).astype(dtype)
+    dout = rng.standard_normal((T, B, 2 * P)).astype(dtype)
+    clean, _ = deep_run(model, x, lengths, dout)
+    bad = 2  # a full-length sequence
+    x[1, bad, 0] = np.nan
+    dirty, grads = deep_run(model, x, lengths, dout)
+    others = np.arange(B) != bad
+    for name, value in clean.items():  # batch on axis 1 everywhere
+        np.testing.assert_array_equal(dirty[name][:, others], value[:, others], err_msg=name)
+        assert np.isnan(dirty[name][:, bad]).any(), name
+    for name in ["h_n", "c_n", "dh0", "dc0"]:
+        assert np.isnan(dirty[name][:, bad]).all(), name
+    # The parameters see every sequence, so their gradients are NaN: that is the true math.
+    assert all(np.isnan(g).any() for g in grads.values())
+
+
+@dtypes
+def test_nan_in_padding_is_ignored(rng, dtype):
+    model = fl.LSTM(I, H, 2, bidirectional=True, proj_size=P, dtype=dtype, seed=14)
+    x = rng.standard_normal((T, B, I)).astype(dtype)
+    dout = rng.standard_normal((T, B, 2 * P)).astype(dtype)
+    padding = padding_mask(LENGTHS, T)
+    clean, clean_grads = deep_run(model, x, LENGTHS, dout)
+    x[padding] = np.nan
+    x[-1, 0] = np.inf
+    dout[padding] = np.nan
+    dirty, dirty_grads = deep_run(model, x, LENGTHS, dout)
+    for name, value in (clean | clean_grads).items():
+        got = (dirty | dirty_grads)[name]
+        assert np.isfinite(got).all(), name
+        np.testing.assert_array_equal(got, value, err_msg=name)
+
+
+@dtypes
+def test_huge_inputs_saturate_without_nan(rng, dtype):
+    model = fl.LSTM(I, H, 2, bidirectional=True, proj_size=P, dtype=dtype, seed=15)
+    signs = np.sign(rng.standard_normal((T, B, I))).astype(dtype)
+    dout = np.ones((T, B, 2 * P), dtype)
+    with np.errstate(over="raise", invalid="raise", divide="raise"):
+        huge, _ = deep_run(model, signs * dtype(1e30), LENGTHS, dout)
+        huger, _ = deep_run(model, signs * dtype(1e32), LENGTHS, dout)
+        grads = {name: value.copy() for name, value in model.grads.items()}
+    for name, value in (huge | grads).items():
+        assert np.isfinite(value).all(), name
+    # Saturated gates are exactly 0 or 1 (tanh exactly ±1): a larger input changes nothing.
+    for name in ["out", "h_n", "c_n"]:
+        np.testing.assert_array_equal(huger[name], huge[name], err_msg=name)
+    # σ' = 0 and tanh' = 0 at saturation: no gradient reaches the huge input of the first layer.
+    assert np.all(huge["dx"] == 0)
+    r_out, (r_h, r_c), _ = reference_run(
+        model, signs * 1e30, random_state(np.random.default_rng(1), model), LENGTHS
+    )
+    assert_close(huge["out"], r_out, dtype, what="out")
+    assert_close(huge["c_n"], r_c, dtype, what="c_n")
+
+
+@dtypes
+@pytest.mark.parametrize(
+    "x_dtype", [np.float32, np.float64, np.int64, np.uint8], ids=["f32", "f64", "i64", "u8"]
+)
+def test_outputs_have_the_model_dtype(rng, dtype, x_dtype):
+    model = fl.LSTM(I, H, 2, bidirectional=True, proj_size=P, dtype=dtype, seed=16)
+    x = (3 * np.abs(rng.standard_normal((T, B, I)))).astype(x_dtype)
+    other = np.float64 if dtype == np.float32 else np.float32
+    state = random_state(rng, model, dtype=other)
+    out, (h_n, c_n) = model(x, state, LENGTHS)
+    dx, (dh0, dc0) = model.backward(np.ones(out.shape, other))
+    values = {"out": out, "h_n": h_n, "c_n": c_n, "dx": dx, "dh0": dh0, "dc0": dc0}
+    values |= {f"param {k}": v for k, v in model.params.items()}
+    values |= {f"grad {k}": v for k, v in model.grads.items()}
+    for name, value in values.items():
+        assert value.dtype == dtype, name
+    model.eval()
+    out, (h_n, c_n) = model(x.tolist())
+    assert out.dtype == h_n.dtype == c_n.dtype == dtype

@@ -22,6 +22,12 @@ FASTMATH_REDUCTIONS = FASTMATH | {"reassoc", "contract"}
 # products: below it, waking the threads costs more than it saves.
 PARALLEL_MIN_MACS = 4_000_000
 
+# A one-direction layer whose per-step recurrent GEMM has at least this many multiply-adds
+# runs serially and lets the BLAS thread each step: measured here, OpenBLAS on two threads
+# beats two single-threaded halves of the batch from about this size (64 x 500 x 2000 and
+# up) and loses below it (32 x 256 x 1024: 40 against 2 x 32 GFLOP/s).
+BLAS_THREADED_STEP_MACS = 32_000_000
+
 # Products whose work per row (multiply-adds) is at most this are done row by row by
 # hand-written loops over all 4H gate columns at once, instead of per-gate BLAS calls:
 # OpenBLAS spends microseconds per call on tiny matrices (and may wake its threads).
@@ -56,3 +62,8 @@ def jit(*args, parallel: bool = False, reductions: bool = False, **kwargs):
     if args and callable(args[0]):
         return decorate(args[0])
     return decorate
+
+
+# The input projection runs as GEMMs over blocks of about this many rows (steps x batch):
+# wide enough for the BLAS to run near its best, small enough for the scratch to stay in cache.
+PROJECTION_BLOCK_ROWS = 1024

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from fastlstm import _kernels
-from fastlstm._config import PARALLEL_MIN_MACS
-from fastlstm._threads import blas_single_threaded, get_num_threads
+from fastlstm._config import BLAS_THREADED_STEP_MACS, PARALLEL_MIN_MACS
+from fastlstm._threads import blas_single_threaded, get_num_threads, run_tasks
 
 
 @dataclass
@@ -85,20 +85,43 @@ def _summed_bias(layer: LayerArrays) -> np.ndarray:
 
 
 def _plan(steps: int, batch: int, directions: int, gates: int, out_size: int):
-    """How many batch chunks per direction, and whether to run the parallel kernel."""
-    if steps * batch * directions * gates * out_size < PARALLEL_MIN_MACS:
-        return 1, False  # too little work to wake threads for
+    """How to run a layer's time loops: (batch chunks per direction, run as parallel tasks).
+
+    Little work runs serially. A large per-step product runs serially too and lets the BLAS
+    thread each step's GEMM (it splits a wide GEMM better than we split the batch). In
+    between, directions and batch chunks run as tasks on their own threads, one BLAS
+    thread each, over the whole sequence: one fork/join per layer call.
+    """
     threads = get_num_threads()
+    step_macs = batch * gates * out_size
+    if threads < 2 or steps * directions * step_macs < PARALLEL_MIN_MACS:
+        return 1, False
+    if directions == 1 and step_macs >= BLAS_THREADED_STEP_MACS:
+        return 1, False
     chunks = max(1, min(batch, threads // directions))
-    return chunks, threads > 1 and directions * chunks > 1
+    return chunks, directions * chunks > 1
 
 
-def _run(kernel, args, parallel: bool) -> None:
-    if parallel:
-        with blas_single_threaded():
-            kernel(*args)
-    else:
-        kernel(*args)
+def _tasks(batch: int, directions: int, chunks: int) -> list[tuple[int, int, int]]:
+    """(direction, first row, end row) of every parallel task."""
+    return [
+        (d, k * batch // chunks, (k + 1) * batch // chunks)
+        for d in range(directions)
+        for k in range(chunks)
+    ]
+
+
+def layer_forward_parallel(args: tuple, tasks: list[tuple[int, int, int]]) -> None:
+    """The forward time loops of one layer as parallel tasks (one BLAS thread each)."""
+    *arrays, training = args
+    with blas_single_threaded():
+        run_tasks(_kernels.layer_forward_rows, [(*arrays, *task, training) for task in tasks])
+
+
+def layer_backward_parallel(args: tuple, tasks: list[tuple[int, int, int]]) -> None:
+    """The backward time loops of one layer as parallel tasks (one BLAS thread each)."""
+    with blas_single_threaded():
+        run_tasks(_kernels.layer_backward_rows, [(*args, *task) for task in tasks])
 
 
 def forward(
@@ -127,7 +150,7 @@ def forward(
     caches = []
     layer_in = x
     chunks, parallel = _plan(steps, batch, directions, gates, out_size)
-    kernel = _kernels.layer_forward_parallel if parallel else _kernels.layer_forward_serial
+    tasks = _tasks(batch, directions, chunks)
     for k, layer in enumerate(layers):
         width = layer_in.shape[2]
         inputs = layer_in.reshape(steps * batch, width)
@@ -146,9 +169,12 @@ def forward(
         args = (
             out, h_n[rows], c_n[rows], xp, hprev, cstate, mstore, h0[rows], c0[rows],
             layer.w_hh, _optional(layer.w_hr, dtype), _optional(layer.peep, dtype),
-            _optional(layer.w_ch, dtype), lengths, chunks, training,
+            _optional(layer.w_ch, dtype), lengths, training,
         )  # fmt: skip
-        _timed(timings, "time_loop", _run, kernel, args, parallel)
+        if parallel:
+            _timed(timings, "time_loop", layer_forward_parallel, args, tasks)
+        else:
+            _timed(timings, "time_loop", _kernels.layer_forward_serial, *args)
         mask = None
         if training and dropout > 0 and k < len(layers) - 1:
             mask = _timed(timings, "dropout", _dropout_mask, rng, out.shape, dropout, dtype)
@@ -182,7 +208,7 @@ def backward(
     dh0 = np.empty_like(dh_n)
     dc0 = np.empty_like(dc_n)
     chunks, parallel = _plan(steps, batch, directions, gates, out_size)
-    kernel = _kernels.layer_backward_parallel if parallel else _kernels.layer_backward_serial
+    tasks = _tasks(batch, directions, chunks)
     d_layer_out = dout
     for k in range(len(layers) - 1, -1, -1):
         layer, grad, cache = layers[k], grads[k], caches[k]
@@ -193,9 +219,12 @@ def backward(
             cache.xp, dh0[rows], dc0[rows], dhstore, np.ascontiguousarray(d_layer_out),
             dh_n[rows], dc_n[rows], cache.cstate, cache.c0,
             layer.w_hh, _optional(layer.w_hr, dtype), _optional(layer.peep, dtype),
-            _optional(layer.w_ch, dtype), lengths, chunks,
+            _optional(layer.w_ch, dtype), lengths,
         )  # fmt: skip
-        _timed(timings, "backward_time_loop", _run, kernel, args, parallel)
+        if parallel:
+            _timed(timings, "backward_time_loop", layer_backward_parallel, args, tasks)
+        else:
+            _timed(timings, "backward_time_loop", _kernels.layer_backward_serial, *args)
         d_layer_in = _timed(
             timings, "weight_gradients", _weight_gradients, layer, grad, cache, dhstore
         )

@@ -39,11 +39,10 @@ carried, the output zeroed, and in backward their gradient is dropped.
 from __future__ import annotations
 
 import numpy as np
-from numba import prange
 
 from fastlstm._activations import one, sigmoid, tanh
 from fastlstm._blas import gemm_ab, gemm_abt, gemm_atb
-from fastlstm._config import SMALL_ROW_MACS, jit
+from fastlstm._config import PROJECTION_BLOCK_ROWS, SMALL_ROW_MACS, jit
 
 # ----------------------------------------------------------------------------- products
 
@@ -122,6 +121,30 @@ def _small_product_into_gates(xp, d, t, lo, hidden, src, w_t, g0, g1, row_sum):
         for g in range(g1 - g0):
             for j in range(hidden):
                 xp[d, g0 + g, t, base + j] += row_sum[g * hidden + j]
+
+
+@jit
+def _add_into_gates(xp, d, t, lo, hidden, step_sum):
+    """xp[d, g, t] rows += step_sum[:, g*H:(g+1)*H]: a row-major product into gate-major."""
+    rows = step_sum.shape[0]
+    for g in range(4):
+        block = xp[d, g, t]
+        for r in range(rows):
+            base = lo + r * hidden
+            for j in range(hidden):
+                block[base + j] += step_sum[r, g * hidden + j]
+
+
+@jit
+def _gather_gates(step_grad, xp, d, t, lo, hidden):
+    """step_grad[:, g*H:(g+1)*H] = xp[d, g, t] rows: gate-major back to row-major."""
+    rows = step_grad.shape[0]
+    for g in range(4):
+        block = xp[d, g, t]
+        for r in range(rows):
+            base = lo + r * hidden
+            for j in range(hidden):
+                step_grad[r, g * hidden + j] = block[base + j]
 
 
 @jit(reductions=True)
@@ -339,6 +362,7 @@ def _forward_rows(
     w_hh_t = _transpose(w_hh_d) if small else np.empty((0, 0), dtype=c.dtype)
     w_ch_t = _transpose(w_ch[d]) if small and full else np.empty((0, 0), dtype=c.dtype)
     row_sum = np.empty(4 * hidden, dtype=c.dtype)
+    step_sum = np.empty((0 if small else rows, 4 * hidden), dtype=c.dtype)
     for s in range(steps):
         t = steps - 1 - s if d == 1 else s
         m = m_proj if has_proj else h_new
@@ -351,12 +375,11 @@ def _forward_rows(
             _small_product_into_gates(xp, d, t, lo, hidden, h, w_hh_t, 0, 4, row_sum)
             if full:
                 _small_product_into_gates(xp, d, t, lo, hidden, c2, w_ch_t, 0, 3, row_sum)
-        else:
-            for g in range(4):
-                block = xp[d, g, t, lo:hi].reshape((rows, hidden))
-                gemm_abt(block, h, w_hh_d[g * hidden : (g + 1) * hidden], 1.0)
-                if full and g < 3:
-                    gemm_abt(block, c2, w_ch[d, g * hidden : (g + 1) * hidden], 1.0)
+        else:  # one GEMM for all four gates (far better than four thin ones), then spread
+            gemm_abt(step_sum, h, w_hh_d, 0.0)
+            if full:
+                gemm_abt(step_sum[:, : 3 * hidden], c2, w_ch[d, : 3 * hidden], 1.0)
+            _add_into_gates(xp, d, t, lo, hidden, step_sum)
         if training:
             hprev[d, t, b0:b1] = h
         m_flat = m.reshape(units)
@@ -428,6 +451,7 @@ def _backward_rows(
     small = out_size * 4 * hidden <= SMALL_ROW_MACS
     w_hh_t = _transpose(w_hh_d) if small else np.empty((0, 0), dtype=dc.dtype)
     row_grad = np.empty(4 * hidden, dtype=dc.dtype)
+    step_grad = np.empty((0 if small else rows, 4 * hidden), dtype=dc.dtype)
     for s in range(steps - 1, -1, -1):
         t = steps - 1 - s if d == 1 else s
         t_prev = t + 1 if d == 1 else t - 1  # the step that ran before t
@@ -472,10 +496,9 @@ def _backward_rows(
                         dc[r * hidden + j] = dc_carry[r * hidden + j]
         if small:
             _small_recurrent_grad(dh_next, xp, d, t, lo, hidden, w_hh_t, row_grad)
-        else:
-            for g in range(4):
-                block = xp[d, g, t, lo:hi].reshape((rows, hidden))
-                gemm_ab(dh_next, block, w_hh_d[g * hidden : (g + 1) * hidden], 1.0 if g else 0.0)
+        else:  # gather the four gate blocks, then one GEMM
+            _gather_gates(step_grad, xp, d, t, lo, hidden)
+            gemm_ab(dh_next, step_grad, w_hh_d, 0.0)
         if padded:
             for r in range(rows):
                 if t >= lengths[b0 + r]:  # the state was carried through a padded step
@@ -492,36 +515,52 @@ def _backward_rows(
 @jit
 def project_inputs(xp, x, w_ih, bias):
     """xp[d, g] = x W_ih[d, g]^T + bias[d, g] for every direction and gate: the input part
-    of every step at once. x (T*B, I); bias (D, G); BLAS may use its own threads here."""
+    of every step at once. x (T*B, I); bias (D, G); BLAS may use its own threads here.
+
+    Large sizes: one wide GEMM (rows x 4H) per block of steps into a scratch, then one pass
+    that adds the bias and spreads the columns to the gate-major blocks (four GEMMs of
+    width H each would run far below the BLAS's speed).
+    """
     directions, _, steps, _ = xp.shape
     rows, width = x.shape
     batch = rows // steps
     hidden = w_ih.shape[1] // 4
+    gates = 4 * hidden
+    small = width * gates <= SMALL_ROW_MACS
+    block_steps = max(1, min(steps, PROJECTION_BLOCK_ROWS // batch))
+    scratch = np.empty((0 if small else block_steps * batch, gates), dtype=xp.dtype)
+    row_sum = np.empty(gates, dtype=xp.dtype)
     for d in range(directions):
-        for g in range(4):
-            block = xp[d, g].reshape((rows, hidden))
-            for r in range(rows):
-                for j in range(hidden):
-                    block[r, j] = bias[d, g * hidden + j]
-        if width * 4 * hidden <= SMALL_ROW_MACS:
+        if small:
+            for g in range(4):
+                block = xp[d, g].reshape(rows * hidden)
+                for r in range(rows):
+                    for j in range(hidden):
+                        block[r * hidden + j] = bias[d, g * hidden + j]
             w_t = _transpose(w_ih[d])
-            row_sum = np.empty(4 * hidden, dtype=xp.dtype)
             for t in range(steps):
                 _small_product_into_gates(
                     xp, d, t, 0, hidden, x[t * batch : (t + 1) * batch], w_t, 0, 4, row_sum
                 )
-        else:
+            continue
+        for t0 in range(0, steps, block_steps):
+            t1 = min(steps, t0 + block_steps)
+            part = scratch[: (t1 - t0) * batch]
+            gemm_abt(part, x[t0 * batch : t1 * batch], w_ih[d], 0.0)
             for g in range(4):
-                block = xp[d, g].reshape((rows, hidden))
-                gemm_abt(block, x, w_ih[d, g * hidden : (g + 1) * hidden], 1.0)
+                block = xp[d, g].reshape(rows * hidden)
+                for r in range(part.shape[0]):
+                    base = (t0 * batch + r) * hidden
+                    for j in range(hidden):
+                        block[base + j] = part[r, g * hidden + j] + bias[d, g * hidden + j]
 
 
 @jit
 def layer_forward_serial(
     out, h_n, c_n, xp, hprev, cstate, mstore,
-    h0, c0, w_hh, w_hr, peep, w_ch, lengths, n_chunks, training,
+    h0, c0, w_hh, w_hr, peep, w_ch, lengths, training,
 ):  # fmt: skip
-    """One layer, all directions, on the calling thread (``n_chunks`` is ignored)."""
+    """One layer, all directions, on the calling thread."""
     for d in range(w_hh.shape[0]):
         _forward_rows(
             out, h_n, c_n, xp, hprev, cstate, mstore,
@@ -529,30 +568,26 @@ def layer_forward_serial(
         )  # fmt: skip
 
 
-@jit(parallel=True)
-def layer_forward_parallel(
+@jit
+def layer_forward_rows(
     out, h_n, c_n, xp, hprev, cstate, mstore,
-    h0, c0, w_hh, w_hr, peep, w_ch, lengths, n_chunks, training,
+    h0, c0, w_hh, w_hr, peep, w_ch, lengths, d, b0, b1, training,
 ):  # fmt: skip
-    """One layer: directions x batch chunks as parallel tasks, each over the whole time loop.
+    """One parallel task: direction d of one layer for batch rows b0..b1, all steps.
 
-    One fork/join per layer call; the tasks share nothing but disjoint rows and columns.
+    Tasks share nothing but disjoint rows and columns of the outputs; the caller runs them
+    on separate threads (the kernels release the GIL).
     """
-    batch = h0.shape[1]
-    for task in prange(w_hh.shape[0] * n_chunks):
-        d = task // n_chunks
-        k = task - d * n_chunks
-        _forward_rows(
-            out, h_n, c_n, xp, hprev, cstate, mstore,
-            h0, c0, w_hh, w_hr, peep, w_ch, lengths,
-            d, k * batch // n_chunks, (k + 1) * batch // n_chunks, training,
-        )  # fmt: skip
+    _forward_rows(
+        out, h_n, c_n, xp, hprev, cstate, mstore,
+        h0, c0, w_hh, w_hr, peep, w_ch, lengths, d, b0, b1, training,
+    )  # fmt: skip
 
 
 @jit
 def layer_backward_serial(
     xp, dh0, dc0, dhstore, dout, dh_n, dc_n, cstate, c0,
-    w_hh, w_hr, peep, w_ch, lengths, n_chunks,
+    w_hh, w_hr, peep, w_ch, lengths,
 ):  # fmt: skip
     """Backward of one layer, all directions, on the calling thread."""
     for d in range(w_hh.shape[0]):
@@ -562,21 +597,16 @@ def layer_backward_serial(
         )  # fmt: skip
 
 
-@jit(parallel=True)
-def layer_backward_parallel(
+@jit
+def layer_backward_rows(
     xp, dh0, dc0, dhstore, dout, dh_n, dc_n, cstate, c0,
-    w_hh, w_hr, peep, w_ch, lengths, n_chunks,
+    w_hh, w_hr, peep, w_ch, lengths, d, b0, b1,
 ):  # fmt: skip
-    """Backward of one layer: directions x batch chunks as parallel tasks."""
-    batch = dh0.shape[1]
-    for task in prange(w_hh.shape[0] * n_chunks):
-        d = task // n_chunks
-        k = task - d * n_chunks
-        _backward_rows(
-            xp, dh0, dc0, dhstore, dout, dh_n, dc_n, cstate, c0,
-            w_hh, w_hr, peep, w_ch, lengths,
-            d, k * batch // n_chunks, (k + 1) * batch // n_chunks,
-        )  # fmt: skip
+    """One parallel task of the backward: direction d for batch rows b0..b1."""
+    _backward_rows(
+        xp, dh0, dc0, dhstore, dout, dh_n, dc_n, cstate, c0,
+        w_hh, w_hr, peep, w_ch, lengths, d, b0, b1,
+    )  # fmt: skip
 
 
 @jit(reductions=True)
@@ -678,14 +708,11 @@ def weight_gradients(
 
 
 @jit
-def recurrent_products_only(acc, h, w_hh, steps):
+def recurrent_products_only(step_sum, h, w_hh, steps):
     """The forward time loop's recurrent products alone (for the profiler's phase split).
 
-    Per step and gate: acc[g] (B, H) += h (B, P) @ w_hh[g-block]^T, the same calls,
-    sizes and operands as one direction's time loop, without the gate math.
-    acc (4, B, H); w_hh (G, P).
+    step_sum (B, 4H) = h (B, P) @ w_hh (4H, P)^T, ``steps`` times: the BLAS call one
+    direction's time loop makes per step at sizes above the hand-written path.
     """
-    hidden = acc.shape[2]
     for _ in range(steps):
-        for g in range(4):
-            _matmul_abt(acc[g], h, w_hh[g * hidden : (g + 1) * hidden], True)
+        gemm_abt(step_sum, h, w_hh, 0.0)

@@ -1,20 +1,29 @@
-"""Thread control: Numba's pool and the BLAS libraries' pools, set together.
+"""Thread control: fastlstm's task pool and the BLAS libraries' pools, set together.
 
-fastlstm runs on two kinds of threads: Numba's (the parallel time loops) and the BLAS's
-(the large GEMMs NumPy and the kernels call). On a small machine they must not stack up:
-while a parallel kernel runs, each of its tasks calls BLAS on its own rows, so BLAS is
-held to one thread for that span and given back afterwards.
+fastlstm runs on two kinds of threads: its own (parallel time loops: one task per
+direction and batch chunk, each a GIL-free Numba kernel over the whole sequence) and the
+BLAS's (large GEMMs). On a small machine they must not stack up: while tasks run, each
+calls BLAS on its own rows, so BLAS is held to one thread for that span.
+
+The task pool is a plain thread pool whose idle workers block. Numba's OpenMP workers
+spin for a while after each parallel region, which on two cores takes the CPU from the
+BLAS threads of whatever runs next, and collapses when other processes want the cores.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numba
 from threadpoolctl import ThreadpoolController
 
 _controller: ThreadpoolController | None = None
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
+_num_threads = max(1, min(os.cpu_count() or 1, numba.config.NUMBA_NUM_THREADS))
 
 
 def _blas_libraries() -> list:
@@ -25,7 +34,10 @@ def _blas_libraries() -> list:
 
 
 def set_num_threads(n: int) -> None:
-    """Use ``n`` threads in Numba's parallel kernels and in every loaded BLAS library.
+    """Use ``n`` threads for fastlstm's parallel time loops and in every loaded BLAS library.
+
+    Numba's own thread count is set to match (fastlstm's kernels do not use Numba's
+    parallel pool, but user code mixing Numba and fastlstm then sees one setting).
 
     Parameters
     ----------
@@ -33,6 +45,7 @@ def set_num_threads(n: int) -> None:
         Number of threads, from 1 to ``numba.config.NUMBA_NUM_THREADS`` (the cores Numba
         saw at start-up).
     """
+    global _num_threads
     if isinstance(n, bool) or not isinstance(n, int):
         raise TypeError(f"n must be an integer, got {type(n).__name__} {n!r}")
     highest = numba.config.NUMBA_NUM_THREADS
@@ -41,11 +54,31 @@ def set_num_threads(n: int) -> None:
     numba.set_num_threads(n)
     for lib in _blas_libraries():
         lib.set_num_threads(n)
+    _num_threads = n
 
 
 def get_num_threads() -> int:
-    """Number of threads Numba's parallel kernels use now."""
-    return numba.get_num_threads()
+    """Number of threads fastlstm's parallel time loops use now."""
+    return _num_threads
+
+
+def run_tasks(function: Callable[..., None], tasks: Sequence[tuple]) -> None:
+    """Run ``function(*task)`` for every task at once and return when all are done.
+
+    The calling thread takes the first task, pool threads the others; an error in any
+    task is raised here after all have finished.
+    """
+    global _pool, _pool_size
+    helpers = len(tasks) - 1
+    if helpers > _pool_size:
+        _pool = ThreadPoolExecutor(max_workers=helpers, thread_name_prefix="fastlstm")
+        _pool_size = helpers
+    futures = [_pool.submit(function, *task) for task in tasks[1:]]
+    try:
+        function(*tasks[0])
+    finally:
+        for future in futures:
+            future.result()
 
 
 @contextlib.contextmanager

@@ -434,22 +434,23 @@ def test_state_and_lengths_forms_give_identical_results(rng, dtype):
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
-    """Count the calls of each layer kernel (the engine looks them up at call time)."""
+    """Count the calls of the serial kernels and of the engine's parallel dispatchers
+    (the engine looks them up at call time)."""
     calls = {}
-    for name in (
-        "layer_forward_serial",
-        "layer_forward_parallel",
-        "layer_backward_serial",
-        "layer_backward_parallel",
+    for module, name in (
+        (_kernels, "layer_forward_serial"),
+        (_engine, "layer_forward_parallel"),
+        (_kernels, "layer_backward_serial"),
+        (_engine, "layer_backward_parallel"),
     ):
-        original = getattr(_kernels, name)
+        original = getattr(module, name)
         calls[name] = 0
 
         def spy(*args, _name=name, _original=original):
             calls[_name] += 1
             return _original(*args)
 
-        monkeypatch.setattr(_kernels, name, spy)
+        monkeypatch.setattr(module, name, spy)
     return calls
 
 

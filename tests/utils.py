@@ -1,4 +1,4 @@
-"""The one assert helper the tests share: shape, then dtype, then values with dtype-scaled tolerance."""
+"""The one assert helper the tests share: shape, then dtype, then values, dtype-scaled."""
 
 from __future__ import annotations
 

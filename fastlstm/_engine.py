@@ -9,6 +9,7 @@ Python loop is over layers.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 from dataclasses import dataclass
@@ -85,43 +86,42 @@ def _summed_bias(layer: LayerArrays) -> np.ndarray:
 
 
 def _plan(steps: int, batch: int, directions: int, gates: int, out_size: int):
-    """How to run a layer's time loops: (batch chunks per direction, run as parallel tasks).
+    """How to run a layer's time loops: (parallel tasks or None, hold BLAS to one thread).
 
-    Little work runs serially. A large per-step product runs serially too and lets the BLAS
-    thread each step's GEMM (it splits a wide GEMM better than we split the batch). In
-    between, directions and batch chunks run as tasks on their own threads, one BLAS
-    thread each, over the whole sequence: one fork/join per layer call.
+    Measured on two cores (OpenBLAS): splitting one direction's batch across threads does
+    not pay, because every thread repacks the whole W_hh each step and thinner GEMMs run
+    slower; so one direction runs on the calling thread. Its per-step GEMM is threaded by
+    the BLAS when it is large, and held to one thread when it is not (OpenBLAS's threads
+    lose on mid-sized steps). Two directions run as two tasks over the whole sequence,
+    one BLAS thread each: one fork/join per layer call.
     """
     threads = get_num_threads()
     step_macs = batch * gates * out_size
     if threads < 2 or steps * directions * step_macs < PARALLEL_MIN_MACS:
-        return 1, False
-    if directions == 1 and step_macs >= BLAS_THREADED_STEP_MACS:
-        return 1, False
-    chunks = max(1, min(batch, threads // directions))
-    return chunks, directions * chunks > 1
-
-
-def _tasks(batch: int, directions: int, chunks: int) -> list[tuple[int, int, int]]:
-    """(direction, first row, end row) of every parallel task."""
-    return [
-        (d, k * batch // chunks, (k + 1) * batch // chunks)
-        for d in range(directions)
-        for k in range(chunks)
-    ]
+        return None, False
+    if directions == 1:
+        return None, step_macs < BLAS_THREADED_STEP_MACS
+    return [(d, 0, batch) for d in range(directions)], True
 
 
 def layer_forward_parallel(args: tuple, tasks: list[tuple[int, int, int]]) -> None:
-    """The forward time loops of one layer as parallel tasks (one BLAS thread each)."""
+    """The forward time loops of one layer as parallel tasks (direction, first row, end row)."""
     *arrays, training = args
-    with blas_single_threaded():
-        run_tasks(_kernels.layer_forward_rows, [(*arrays, *task, training) for task in tasks])
+    run_tasks(_kernels.layer_forward_rows, [(*arrays, *task, training) for task in tasks])
 
 
 def layer_backward_parallel(args: tuple, tasks: list[tuple[int, int, int]]) -> None:
-    """The backward time loops of one layer as parallel tasks (one BLAS thread each)."""
-    with blas_single_threaded():
-        run_tasks(_kernels.layer_backward_rows, [(*args, *task) for task in tasks])
+    """The backward time loops of one layer as parallel tasks (direction, first row, end row)."""
+    run_tasks(_kernels.layer_backward_rows, [(*args, *task) for task in tasks])
+
+
+def _time_loops(timings, name, serial_kernel, parallel_dispatch, args, tasks, blas_single):
+    """Run one layer's time loops as planned: serially or as tasks, BLAS held or not."""
+    with blas_single_threaded() if blas_single else contextlib.nullcontext():
+        if tasks is None:
+            _timed(timings, name, serial_kernel, *args)
+        else:
+            _timed(timings, name, parallel_dispatch, args, tasks)
 
 
 def forward(
@@ -149,8 +149,7 @@ def forward(
     c_n = np.empty_like(c0)
     caches = []
     layer_in = x
-    chunks, parallel = _plan(steps, batch, directions, gates, out_size)
-    tasks = _tasks(batch, directions, chunks)
+    tasks, blas_single = _plan(steps, batch, directions, gates, out_size)
     for k, layer in enumerate(layers):
         width = layer_in.shape[2]
         inputs = layer_in.reshape(steps * batch, width)
@@ -171,10 +170,10 @@ def forward(
             layer.w_hh, _optional(layer.w_hr, dtype), _optional(layer.peep, dtype),
             _optional(layer.w_ch, dtype), lengths, training,
         )  # fmt: skip
-        if parallel:
-            _timed(timings, "time_loop", layer_forward_parallel, args, tasks)
-        else:
-            _timed(timings, "time_loop", _kernels.layer_forward_serial, *args)
+        _time_loops(
+            timings, "time_loop", _kernels.layer_forward_serial, layer_forward_parallel,
+            args, tasks, blas_single,
+        )  # fmt: skip
         mask = None
         if training and dropout > 0 and k < len(layers) - 1:
             mask = _timed(timings, "dropout", _dropout_mask, rng, out.shape, dropout, dtype)
@@ -207,8 +206,7 @@ def backward(
     dtype = dout.dtype
     dh0 = np.empty_like(dh_n)
     dc0 = np.empty_like(dc_n)
-    chunks, parallel = _plan(steps, batch, directions, gates, out_size)
-    tasks = _tasks(batch, directions, chunks)
+    tasks, blas_single = _plan(steps, batch, directions, gates, out_size)
     d_layer_out = dout
     for k in range(len(layers) - 1, -1, -1):
         layer, grad, cache = layers[k], grads[k], caches[k]
@@ -221,10 +219,10 @@ def backward(
             layer.w_hh, _optional(layer.w_hr, dtype), _optional(layer.peep, dtype),
             _optional(layer.w_ch, dtype), lengths,
         )  # fmt: skip
-        if parallel:
-            _timed(timings, "backward_time_loop", layer_backward_parallel, args, tasks)
-        else:
-            _timed(timings, "backward_time_loop", _kernels.layer_backward_serial, *args)
+        _time_loops(
+            timings, "backward_time_loop", _kernels.layer_backward_serial,
+            layer_backward_parallel, args, tasks, blas_single,
+        )  # fmt: skip
         d_layer_in = _timed(
             timings, "weight_gradients", _weight_gradients, layer, grad, cache, dhstore
         )

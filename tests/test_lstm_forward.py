@@ -491,12 +491,15 @@ def compare_serial_and_parallel(rng, kernel_calls, model, batch, lengths, *, ulp
     assert kernel_calls["layer_forward_serial"] == kernel_calls["layer_backward_serial"] > 0
     fl.set_num_threads(2)
     parallel = run_forward_backward(model, *args)
-    assert kernel_calls["layer_forward_parallel"] == model.num_layers
-    assert kernel_calls["layer_backward_parallel"] == model.num_layers
+    # Two directions run as one task each; one direction stays on the calling thread (the
+    # engine does not split a direction's batch: every thread would repack all of W_hh).
+    tasks_per_call = model.num_layers if model.bidirectional else 0
+    assert kernel_calls["layer_forward_parallel"] == tasks_per_call
+    assert kernel_calls["layer_backward_parallel"] == tasks_per_call
     model.eval()  # the inference path of the parallel kernel keeps nothing, same numbers
     out_eval, (h_eval, c_eval) = model(x, state, lengths)
     model.train()
-    assert kernel_calls["layer_forward_parallel"] == 2 * model.num_layers
+    assert kernel_calls["layer_forward_parallel"] == 2 * tasks_per_call
     np.testing.assert_array_equal(out_eval, parallel["out"])
     np.testing.assert_array_equal(h_eval, parallel["h_n"])
     np.testing.assert_array_equal(c_eval, parallel["c_n"])
@@ -517,10 +520,10 @@ def compare_serial_and_parallel(rng, kernel_calls, model, batch, lengths, *, ulp
 
 
 PARALLEL_CASES = {
-    # name: (model options, batch, lengths). One direction: the batch is split into two chunks,
-    # one per thread; two directions: one task per direction.
-    "uni-B4-two-chunks": ({}, 4, None),
-    "uni-B5-uneven-chunks": ({}, 5, np.array([5, 0, 3, 5, 1])),
+    # name: (model options, batch, lengths). One direction: on the calling thread at 2 threads
+    # too; two directions: one task per direction.
+    "uni-B4": ({}, 4, None),
+    "uni-B5-lengths": ({}, 5, np.array([5, 0, 3, 5, 1])),
     "uni-proj-full-peephole": ({"proj_size": P, "peephole": "full"}, 5, np.array([5, 2, 0, 4, 1])),
     "bi-one-task-per-direction": ({"bidirectional": True}, 4, LENGTHS),
     "bi-proj": ({"bidirectional": True, "proj_size": P}, 4, LENGTHS),
@@ -546,6 +549,44 @@ def test_parallel_kernels_match_serial_forced(
     monkeypatch.setattr(_engine, "PARALLEL_MIN_MACS", 0)
     model = fl.LSTM(I, H, 2, dtype=dtype, seed=9, **options)
     compare_serial_and_parallel(rng, kernel_calls, model, batch, lengths)
+
+
+@dtypes
+@pytest.mark.parametrize("peephole", [None, "diagonal", "full"])
+def test_row_chunks_as_tasks_equal_one_pass(rng, restore_threads, dtype, peephole):
+    """The kernels' row ranges: rows split into uneven tasks on two threads give exactly the
+    numbers of one pass over all rows (forward and backward), whatever the chunking."""
+    fl.set_num_threads(2)
+    batch, hidden = 7, 40  # 4H x P = 6400 per row: the BLAS path, not the hand-written one
+    model = fl.LSTM(I, hidden, proj_size=5, peephole=peephole, dtype=dtype, seed=12)
+    layer = model._layers[0]
+    x = rng.standard_normal((T * batch, I)).astype(dtype)
+    lengths = np.array([5, 0, 3, 5, 1, 2, 4], dtype=np.int64)
+    h0 = rng.standard_normal((1, batch, 5)).astype(dtype)
+    c0 = rng.standard_normal((1, batch, hidden)).astype(dtype)
+    optional = [_engine._optional(a, model.dtype) for a in (layer.w_hr, layer.peep, layer.w_ch)]
+    dout = rng.standard_normal((T, batch, 5)).astype(dtype)
+    results = []
+    for tasks in ([(0, 0, batch)], [(0, 0, 2), (0, 2, batch)], [(0, 0, 5), (0, 5, 6), (0, 6, 7)]):
+        xp = np.empty((1, 4, T, batch * hidden), dtype)
+        _kernels.project_inputs(xp, x, layer.w_ih, _engine._summed_bias(layer))
+        out = np.empty((T, batch, 5), dtype)
+        h_n, c_n = np.empty_like(h0), np.empty_like(c0)
+        hprev = np.empty((1, T, batch, 5), dtype)
+        cstate = np.empty((1, T, batch * hidden), dtype)
+        mstore = np.empty((1, T, batch, hidden), dtype)
+        args = (out, h_n, c_n, xp, hprev, cstate, mstore, h0, c0, layer.w_hh, *optional,
+                lengths, True)  # fmt: skip
+        _engine.layer_forward_parallel(args, tasks)
+        dh0, dc0 = np.empty_like(h0), np.empty_like(c0)
+        dhstore = np.empty((1, T, batch, 5), dtype)
+        back = (xp, dh0, dc0, dhstore, dout, np.zeros_like(h0), np.zeros_like(c0), cstate, c0,
+                layer.w_hh, *optional, lengths)  # fmt: skip
+        _engine.layer_backward_parallel(back, tasks)
+        results.append([out, h_n, c_n, xp, dh0, dc0, dhstore])
+    for other in results[1:]:
+        for got, want in zip(other, results[0], strict=True):
+            np.testing.assert_array_equal(got, want)
 
 
 @dtypes

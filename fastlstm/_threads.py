@@ -26,9 +26,10 @@ _pool_size = 0
 _num_threads = max(1, min(os.cpu_count() or 1, numba.config.NUMBA_NUM_THREADS))
 
 
-def _blas_libraries() -> list:
+def _blas_libraries(refresh: bool = False) -> list:
+    """The loaded BLAS libraries (looked up once; again with ``refresh``)."""
     global _controller
-    if _controller is None:
+    if _controller is None or refresh:
         _controller = ThreadpoolController()
     return [lib for lib in _controller.lib_controllers if lib.user_api == "blas"]
 
@@ -36,8 +37,8 @@ def _blas_libraries() -> list:
 def set_num_threads(n: int) -> None:
     """Use ``n`` threads for fastlstm's parallel time loops and in every loaded BLAS library.
 
-    Numba's own thread count is set to match (fastlstm's kernels do not use Numba's
-    parallel pool, but user code mixing Numba and fastlstm then sees one setting).
+    Numba's own parallel pool is left alone: no fastlstm kernel uses it, and starting it
+    would load an OpenMP runtime for nothing.
 
     Parameters
     ----------
@@ -51,8 +52,7 @@ def set_num_threads(n: int) -> None:
     highest = numba.config.NUMBA_NUM_THREADS
     if not 1 <= n <= highest:
         raise ValueError(f"n must be between 1 and {highest}, got {n}")
-    numba.set_num_threads(n)
-    for lib in _blas_libraries():
+    for lib in _blas_libraries(refresh=True):
         lib.set_num_threads(n)
     _num_threads = n
 

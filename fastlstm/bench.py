@@ -404,6 +404,30 @@ def measure_row_set(
     return rows
 
 
+def _cpu_times() -> tuple[int, int] | None:
+    try:
+        with open("/proc/stat", encoding="ascii") as handle:
+            fields = [int(v) for v in handle.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields[:8]), idle
+
+
+def cpu_busy(seconds: float = 1.0) -> float | None:
+    """Share of the machine's CPU time spent busy over ``seconds`` (Linux; else None).
+
+    Sampled while this process sleeps, so it measures the other work on the machine.
+    """
+    before = _cpu_times()
+    if before is None:
+        return None
+    time.sleep(seconds)
+    after = _cpu_times()
+    total = after[0] - before[0]
+    return None if total <= 0 else 1.0 - (after[1] - before[1]) / total
+
+
 def machine_info() -> dict[str, Any]:
     """Versions and thread configuration of what is measured (JSON-ready)."""
     blas = [
@@ -455,7 +479,7 @@ def run_grid(
     Keys: "config", "machine", "gemm_gflops", "rows" (dicts of :class:`Row`), "notes".
     """
     dtype = np.dtype(dtype)
-    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    busy_before = cpu_busy()
     notes: list[str] = []
     installed = peers.available_peers()
     missing = peers.missing_peers()
@@ -487,12 +511,15 @@ def run_grid(
                     notes=notes,
                 )
         machine = machine_info()
-    machine["load_average_before"] = load_before
-    if load_before is not None and load_before > 0.5 * (os.cpu_count() or 1):
+    busy_after = cpu_busy()
+    machine["cpu_busy_before"], machine["cpu_busy_after"] = busy_before, busy_after
+    busy = [b for b in (busy_before, busy_after) if b is not None]
+    if busy and max(busy) > 0.2:
         notes.append(
-            f"the machine was busy before the run (1-minute load average {load_before:.1f} on "
-            f"{os.cpu_count()} CPUs): every side shares the CPUs with other work, and "
-            "spin-waiting thread pools (torch's OpenMP) suffer most; rerun on a quiet machine"
+            f"other work kept the CPUs busy (a second before the run: "
+            f"{100 * (busy_before or 0):.0f}%, after: {100 * (busy_after or 0):.0f}%): every "
+            "side shares the cores with it, and spin-waiting thread pools (torch's OpenMP) "
+            "suffer most; rerun on a quiet machine"
         )
     return {
         "config": {
@@ -541,12 +568,13 @@ def format_table(result: dict[str, Any]) -> str:
     blas_text = ", ".join(
         f"{p['internal_api']} {p['version']} ({p.get('architecture') or '?'})" for p in blas
     )
+    peer_text = ", ".join(f"{k} {v}" for k, v in machine["peers"].items() if k != "reference")
     lines = [
         f"fastlstm bench: {config['dtype']}, variant {config['variant']}, {config['threads']} "
         f"threads per side, medians of alternating runs (up to {config['repeats']} pairs)",
         f"machine: {machine['cpu_count']} CPUs; {config['dtype']} GEMM (a @ b, n=2048): "
-        f"{result['gemm_gflops']:.1f} GFLOP/s; numba {machine['numba']} "
-        f"({machine['numba_threading_layer']}); BLAS {blas_text or '?'}",
+        f"{result['gemm_gflops']:.1f} GFLOP/s; numba {machine['numba']}; "
+        f"BLAS {blas_text or '?'}; peers {peer_text}",
         "ratio = peer time / fastlstm time (> 1: fastlstm faster); GFLOP/s and % GEMM are "
         "fastlstm's; 1st call = compile or cache load (fastlstm), set-up + first call (peer)",
         "",

@@ -8,11 +8,12 @@ dx). Each is averaged over the repeats; "other" is what the engine spends outsid
 (allocation, weight preparation) and "API" what the public call adds (validation, copies).
 
 The forward time loop is split further by timing
-``_kernels.recurrent_products_only(acc, h, w_hh, steps)`` alone with the same sizes, dtype
-and threads as the loop (when the engine runs the parallel kernel, the same batch chunks on
-as many threads, BLAS held to one thread each): gate math is then estimated as
-``time_loop - recurrent products``. It is an estimate: inside the loop the two compete
-for the same caches.
+``_kernels.recurrent_products_only(step_sum, h, w_hh, steps)`` alone with the same sizes,
+dtype and threading as the loop, following the engine's own plan (``_engine._plan``: the
+same tasks on its thread pool, or serially; BLAS held to one thread or not): gate math is
+then estimated as ``time_loop - recurrent products``. It is an estimate: inside the loop
+the two compete for the same caches, and at sizes where the loop uses its hand-written
+row products instead of BLAS, the split says so.
 
 The first calls in the process are timed apart (Numba compiles, or loads from its cache,
 each kernel then), with Numba's own count of cache hits and misses.
@@ -20,9 +21,9 @@ each kernel then), with Numba's own count of cache hits and misses.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from typing import Any
 
@@ -30,9 +31,8 @@ import numba
 import numpy as np
 
 import fastlstm as fl
-from fastlstm import _activations, _blas, _engine, _kernels
-from fastlstm._config import PARALLEL_MIN_MACS
-from fastlstm._threads import blas_single_threaded
+from fastlstm import _activations, _blas, _config, _engine, _kernels
+from fastlstm._threads import blas_single_threaded, run_tasks
 from fastlstm.bench import DEFAULT_THREADS, Shape, machine_info, threads
 
 FORWARD_PHASES = ("input_gemm", "time_loop", "dropout")
@@ -97,39 +97,53 @@ def phase_flops(
     return counts
 
 
-def _recurrent_tasks(lstm: fl.LSTM, shape: Shape, chunks: int, rng) -> list[tuple]:
-    """The (acc, h, w_hh, steps) argument sets of one forward's recurrent products."""
+def _recurrent_tasks(lstm: fl.LSTM, shape: Shape, plan: list | None, rng) -> list[list[tuple]]:
+    """Per layer, the (step_sum, h, w_hh, steps) argument sets of its recurrent products,
+    one per task of the engine's plan ((direction, first row, end row); None: every
+    direction over the whole batch, one after another)."""
     dtype = lstm.dtype
     out = lstm.proj_size or lstm.hidden_size
-    tasks = []
+    directions = 2 if lstm.bidirectional else 1
+    spans = plan if plan is not None else [(d, 0, shape.batch) for d in range(directions)]
+    layers = []
     for layer in lstm._layers:
-        for d in range(layer.w_hh.shape[0]):
+        tasks = []
+        for d, first, end in spans:
             w_hh = np.ascontiguousarray(layer.w_hh[d])
-            for k in range(chunks):
-                rows = (k + 1) * shape.batch // chunks - k * shape.batch // chunks
-                h = (0.5 * rng.standard_normal((rows, out))).astype(dtype)
-                # acc is gate-major, (4, rows, H), as the loop's gate blocks (_kernels' layout)
-                acc = np.zeros((4, rows, lstm.hidden_size), dtype)
-                tasks.append((acc, h, w_hh, shape.seq))
-    return tasks
+            h = (0.5 * rng.standard_normal((end - first, out))).astype(dtype)
+            step_sum = np.zeros((end - first, 4 * lstm.hidden_size), dtype)
+            tasks.append((step_sum, h, w_hh, shape.seq))
+        layers.append(tasks)
+    return layers
 
 
-def _time_recurrent(tasks: list[tuple], pool: ThreadPoolExecutor | None, per_layer: int) -> float:
-    """Seconds to run every task as the engine would: layer after layer, on ``pool``'s
-    threads with BLAS held to one thread (the parallel kernel), or one after another."""
+def _time_recurrent(layers: list[list[tuple]], parallel: bool, blas_single: bool) -> float:
+    """Seconds to run every layer's products as the engine runs its time loops: a layer's
+    tasks at once on fastlstm's pool, or one by one; BLAS held to one thread or not."""
     start = time.perf_counter()
-    if pool is not None:
-        with blas_single_threaded():
-            for i in range(0, len(tasks), per_layer):  # one fork/join per layer
-                list(
-                    pool.map(
-                        lambda a: _kernels.recurrent_products_only(*a), tasks[i : i + per_layer]
-                    )
-                )
-    else:
-        for task in tasks:
-            _kernels.recurrent_products_only(*task)
+    with blas_single_threaded() if blas_single else contextlib.nullcontext():
+        for tasks in layers:
+            if parallel:
+                run_tasks(_kernels.recurrent_products_only, tasks)
+            else:
+                for task in tasks:
+                    _kernels.recurrent_products_only(*task)
     return time.perf_counter() - start
+
+
+def _plan_text(plan: dict[str, Any], threads_n: int) -> str:
+    blas = "BLAS held to 1 thread" if plan["blas_single"] else f"BLAS on {threads_n} threads"
+    if plan["tasks"]:
+        spans = ", ".join(f"direction {d} rows {a}..{b - 1}" for d, a, b in plan["tasks"])
+        return f"{len(plan['tasks'])} parallel tasks on fastlstm's thread pool ({spans}); {blas}"
+    if threads_n < 2:
+        return f"serial on the calling thread (1 thread); {blas}"
+    if plan["macs"] < _config.PARALLEL_MIN_MACS:
+        return (
+            f"serial on the calling thread ({plan['macs']:,} recurrent multiply-adds, fewer "
+            f"than PARALLEL_MIN_MACS = {_config.PARALLEL_MIN_MACS:,}); {blas}"
+        )
+    return f"serial on the calling thread; {blas}"
 
 
 def profile(
@@ -184,23 +198,32 @@ def profile(
                 lstm(x)
 
         # Engine and public call in turn, so that drift hits both alike; round 0 warms up.
-        for round_ in range(repeats + 1):
-            timings: dict[str, float] = {}
+        def engine_call(timings: dict[str, float]) -> tuple[float, float]:
             start = time.perf_counter()
             _, h_n, c_n, caches = _engine.forward(
                 lstm._layers, x, h0, c0, lengths, hidden=shape.hidden, training=train,
                 dropout=lstm.dropout, rng=lstm._rng, timings=timings,
             )  # fmt: skip
             forward_s = time.perf_counter() - start
-            backward_s = 0.0
-            if train:
-                start = time.perf_counter()
-                _engine.backward(
-                    lstm._layers, lstm._layer_grads, caches, dout, np.zeros_like(h_n),
-                    np.zeros_like(c_n), lengths, hidden=shape.hidden, timings=timings,
-                )  # fmt: skip
-                backward_s = time.perf_counter() - start
-            public_s = _seconds(public)
+            if not train:
+                return forward_s, 0.0
+            start = time.perf_counter()
+            _engine.backward(
+                lstm._layers, lstm._layer_grads, caches, dout, np.zeros_like(h_n),
+                np.zeros_like(c_n), lengths, hidden=shape.hidden, timings=timings,
+            )  # fmt: skip
+            return forward_s, time.perf_counter() - start
+
+        # Engine and public call in turn, first one then the other, so that drift and
+        # allocator state hit both alike; round 0 warms up.
+        for round_ in range(repeats + 1):
+            timings: dict[str, float] = {}
+            if round_ % 2:
+                public_s = _seconds(public)
+                forward_s, backward_s = engine_call(timings)
+            else:
+                forward_s, backward_s = engine_call(timings)
+                public_s = _seconds(public)
             if round_ == 0:
                 continue
             engine["forward"] += forward_s
@@ -214,19 +237,18 @@ def profile(
 
         # Recurrent products alone, with the time loop's sizes and threading.
         gates = 4 * shape.hidden
-        chunks, parallel = _engine._plan(
-            shape.seq, shape.batch, directions, gates, lstm.proj_size or shape.hidden
+        out_size = lstm.proj_size or shape.hidden
+        # The engine's plan: (tasks (direction, first row, end row) or None, BLAS held to 1).
+        plan, blas_single = _engine._plan(shape.seq, shape.batch, directions, gates, out_size)
+        parallel = plan is not None
+        tasks = _recurrent_tasks(lstm, shape, plan, rng)
+        recurrent_first = _first_call(lambda: _time_recurrent([tasks[0][:1]], False, False))
+        _time_recurrent(tasks, parallel, blas_single)  # warm-up (pool threads, caches)
+        recurrent_s = statistics.fmean(
+            _time_recurrent(tasks, parallel, blas_single) for _ in range(repeats)
         )
-        tasks = _recurrent_tasks(lstm, shape, chunks if parallel else 1, rng)
-        per_layer = len(tasks) // layers
-        recurrent_first = _first_call(lambda: _time_recurrent(tasks[:1], None, 1))
-        with ThreadPoolExecutor(max_workers=min(threads_n, per_layer)) as pool:
-            _time_recurrent(tasks, pool if parallel else None, per_layer)  # warm-up
-            recurrent_s = statistics.fmean(
-                _time_recurrent(tasks, pool if parallel else None, per_layer)
-                for _ in range(repeats)
-            )
         machine = machine_info()
+        machine["fastlstm_threads"] = fl.get_num_threads()
 
     work = phase_flops(shape, layers=layers, directions=directions)
     return {
@@ -249,10 +271,12 @@ def profile(
         "gate_math_estimate_s": phases["time_loop"] - recurrent_s,
         "flops": work,
         "plan": {
-            "parallel": parallel,
-            "chunks": chunks if parallel else 1,
+            "tasks": [list(task) for task in plan] if parallel else None,
+            "blas_single": bool(blas_single),
             "directions": directions,
-            "parallel_min_macs": PARALLEL_MIN_MACS,
+            "macs": shape.seq * shape.batch * directions * gates * out_size,
+            "hand_written_products": out_size * gates <= _config.SMALL_ROW_MACS,
+            "numba_parallel_kernels": any(d.targetoptions.get("parallel") for d in _dispatchers()),
         },
         "machine": machine,
     }
@@ -347,23 +371,23 @@ def format_profile(result: dict[str, Any]) -> str:
 
     plan = result["plan"]
     machine = result["machine"]
-    if plan["parallel"]:
-        loop = (
-            f"parallel kernel, {plan['directions']} direction(s) x {plan['chunks']} batch "
-            "chunk(s) as tasks, BLAS held to 1 thread inside"
+    if plan["hand_written_products"]:
+        lines.append(
+            "    At this size the loop multiplies by W_hh with hand-written row products, not "
+            "BLAS: the split is rough."
         )
-    else:
-        loop = (
-            f"serial kernel (fewer than {plan['parallel_min_macs']:,} recurrent "
-            "multiply-adds, or 1 thread), BLAS threads as set"
-        )
+    numba_use = (
+        "used by fastlstm's parallel kernels"
+        if plan["numba_parallel_kernels"]
+        else "not used: fastlstm's time loops run on its own thread pool"
+    )
     lines += [
         "",
-        f"threads: fastlstm.get_num_threads() = {fl.get_num_threads()} after the run "
-        f"(profiled with {config['threads']}); numba.get_num_threads() = "
-        f"{machine['numba_threads']} during the run; Numba threading layer: "
-        f"{machine['numba_threading_layer']}; CPUs: {machine['cpu_count']}",
-        f"time loop: {loop}",
+        f"threads: fastlstm.get_num_threads() = {machine['fastlstm_threads']} during the run "
+        f"(asked: {config['threads']}); numba.get_num_threads() = {machine['numba_threads']}; "
+        f"CPUs: {machine['cpu_count']}",
+        f"Numba threading layer: {machine['numba_threading_layer']} ({numba_use})",
+        f"time loops: {_plan_text(plan, config['threads'])}",
         "thread pools (threadpoolctl.threadpool_info(), during the run):",
     ]
     for pool in machine["threadpools"]:

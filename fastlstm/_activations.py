@@ -19,7 +19,7 @@ import math
 
 import numpy as np
 from numba import types
-from numba.extending import overload
+from numba.extending import intrinsic, overload
 
 _F = np.float32
 _CLAMP = _F(7.90531110763549805)
@@ -40,21 +40,37 @@ _B4 = _F(1.18534705686654e-04)
 _B6 = _F(1.19825839466702e-06)
 
 
+@intrinsic
+def fma(typingctx, a, b, c):
+    """a * b + c with one rounding (llvm.fma): vector and scalar code give the same bits.
+
+    Letting LLVM contract a * b + c on its own could fuse differently in a loop's vector
+    body and its scalar remainder, so results would depend on how rows are split.
+    """
+    if not (a == b == c and isinstance(a, types.Float)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.fma(*args)
+
+    return a(a, b, c), codegen
+
+
 def _tanh_f32(x):
     # NaN: every comparison below is False, so NaN flows through to the result.
     clamped = _CLAMP if x > _CLAMP else x
     clamped = -_CLAMP if clamped < -_CLAMP else clamped
     x2 = clamped * clamped
-    p = x2 * _A13 + _A11
-    p = x2 * p + _A9
-    p = x2 * p + _A7
-    p = x2 * p + _A5
-    p = x2 * p + _A3
-    p = x2 * p + _A1
+    p = fma(x2, _A13, _A11)
+    p = fma(x2, p, _A9)
+    p = fma(x2, p, _A7)
+    p = fma(x2, p, _A5)
+    p = fma(x2, p, _A3)
+    p = fma(x2, p, _A1)
     p = clamped * p
-    q = x2 * _B6 + _B4
-    q = x2 * q + _B2
-    q = x2 * q + _B0
+    q = fma(x2, _B6, _B4)
+    q = fma(x2, q, _B2)
+    q = fma(x2, q, _B0)
     y = p / q
     y = x if abs(x) < _TINY else y
     y = _ONE if x > _SATURATE else y
@@ -83,7 +99,7 @@ def _tanh_overload(x):
 @overload(sigmoid)
 def _sigmoid_overload(x):
     if x == types.float32:
-        return lambda x: _HALF * tanh(_HALF * x) + _HALF
+        return lambda x: fma(_HALF, tanh(_HALF * x), _HALF)
     if x == types.float64:
         # exp(-x) overflows to inf for x < -709 and 1/(1+inf) = 0: saturation, no NaN.
         return lambda x: 1.0 / (1.0 + math.exp(-x))

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fastlstm._activations import one, sigmoid, tanh
+from fastlstm._activations import fma, one, sigmoid, tanh
 from fastlstm._blas import gemm_ab, gemm_abt, gemm_atb
 from fastlstm._config import PROJECTION_BLOCK_ROWS, SMALL_ROW_MACS, jit
 
@@ -116,7 +116,7 @@ def _small_product_into_gates(xp, d, t, lo, hidden, src, w_t, g0, g1, row_sum):
         for q in range(inner):
             coef = src[r, q]
             for col in range(width):
-                row_sum[col] += coef * w_t[q, c0 + col]
+                row_sum[col] = fma(coef, w_t[q, c0 + col], row_sum[col])
         base = lo + r * hidden
         for g in range(g1 - g0):
             for j in range(hidden):
@@ -212,7 +212,7 @@ def _gates_forward(ai, af, ag, ao, c_prev, c_next, m):
         gi = sigmoid(ai[j])
         gf = sigmoid(af[j])
         gg = tanh(ag[j])
-        cc = gf * c_prev[j] + gi * gg
+        cc = fma(gf, c_prev[j], gi * gg)
         go = sigmoid(ao[j])
         c_next[j] = cc
         m[j] = go * tanh(cc)
@@ -227,11 +227,11 @@ def _gates_forward_diagonal(ai, af, ag, ao, c_prev, c_next, m, p_i, p_f, p_o):
     """Diagonal-peephole step (p_* tiled over the rows)."""
     for j in range(c_prev.shape[0]):
         cp = c_prev[j]
-        gi = sigmoid(ai[j] + p_i[j] * cp)
-        gf = sigmoid(af[j] + p_f[j] * cp)
+        gi = sigmoid(fma(p_i[j], cp, ai[j]))
+        gf = sigmoid(fma(p_f[j], cp, af[j]))
         gg = tanh(ag[j])
-        cc = gf * cp + gi * gg
-        go = sigmoid(ao[j] + p_o[j] * cc)
+        cc = fma(gf, cp, gi * gg)
+        go = sigmoid(fma(p_o[j], cc, ao[j]))
         c_next[j] = cc
         m[j] = go * tanh(cc)
         ai[j] = gi
@@ -247,7 +247,7 @@ def _gates_forward_ifg(ai, af, ag, c_prev, c_next):
         gi = sigmoid(ai[j])
         gf = sigmoid(af[j])
         gg = tanh(ag[j])
-        c_next[j] = gf * c_prev[j] + gi * gg
+        c_next[j] = fma(gf, c_prev[j], gi * gg)
         ai[j] = gi
         af[j] = gf
         ag[j] = gg

@@ -556,27 +556,14 @@ def project_inputs(xp, x, w_ih, bias):
 
 
 @jit
-def layer_forward_serial(
-    out, h_n, c_n, xp, hprev, cstate, mstore,
-    h0, c0, w_hh, w_hr, peep, w_ch, lengths, training,
-):  # fmt: skip
-    """One layer, all directions, on the calling thread."""
-    for d in range(w_hh.shape[0]):
-        _forward_rows(
-            out, h_n, c_n, xp, hprev, cstate, mstore,
-            h0, c0, w_hh, w_hr, peep, w_ch, lengths, d, 0, h0.shape[1], training,
-        )  # fmt: skip
-
-
-@jit
 def layer_forward_rows(
     out, h_n, c_n, xp, hprev, cstate, mstore,
     h0, c0, w_hh, w_hr, peep, w_ch, lengths, d, b0, b1, training,
 ):  # fmt: skip
-    """One parallel task: direction d of one layer for batch rows b0..b1, all steps.
+    """Direction d of one layer for batch rows b0..b1, all steps: the forward kernel.
 
-    Tasks share nothing but disjoint rows and columns of the outputs; the caller runs them
-    on separate threads (the kernels release the GIL).
+    Calls for different directions (or rows) share nothing but disjoint rows and columns of
+    the outputs, so the engine may run them on separate threads (kernels release the GIL).
     """
     _forward_rows(
         out, h_n, c_n, xp, hprev, cstate, mstore,
@@ -585,24 +572,11 @@ def layer_forward_rows(
 
 
 @jit
-def layer_backward_serial(
-    xp, dh0, dc0, dhstore, dout, dh_n, dc_n, cstate, c0,
-    w_hh, w_hr, peep, w_ch, lengths,
-):  # fmt: skip
-    """Backward of one layer, all directions, on the calling thread."""
-    for d in range(w_hh.shape[0]):
-        _backward_rows(
-            xp, dh0, dc0, dhstore, dout, dh_n, dc_n, cstate, c0,
-            w_hh, w_hr, peep, w_ch, lengths, d, 0, dh0.shape[1],
-        )  # fmt: skip
-
-
-@jit
 def layer_backward_rows(
     xp, dh0, dc0, dhstore, dout, dh_n, dc_n, cstate, c0,
     w_hh, w_hr, peep, w_ch, lengths, d, b0, b1,
 ):  # fmt: skip
-    """One parallel task of the backward: direction d for batch rows b0..b1."""
+    """Direction d of one layer backward for batch rows b0..b1: the backward kernel."""
     _backward_rows(
         xp, dh0, dc0, dhstore, dout, dh_n, dc_n, cstate, c0,
         w_hh, w_hr, peep, w_ch, lengths, d, b0, b1,

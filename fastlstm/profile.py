@@ -97,14 +97,12 @@ def phase_flops(
     return counts
 
 
-def _recurrent_tasks(lstm: fl.LSTM, shape: Shape, plan: list | None, rng) -> list[list[tuple]]:
+def _recurrent_tasks(lstm: fl.LSTM, shape: Shape, plan: list, rng) -> list[list[tuple]]:
     """Per layer, the (step_sum, h, w_hh, steps) argument sets of its recurrent products,
-    one per task of the engine's plan ((direction, first row, end row); None: every
-    direction over the whole batch, one after another)."""
+    one per task of the engine's plan (direction, first row, end row)."""
     dtype = lstm.dtype
     out = lstm.proj_size or lstm.hidden_size
-    directions = 2 if lstm.bidirectional else 1
-    spans = plan if plan is not None else [(d, 0, shape.batch) for d in range(directions)]
+    spans = plan
     layers = []
     for layer in lstm._layers:
         tasks = []
@@ -238,9 +236,11 @@ def profile(
         # Recurrent products alone, with the time loop's sizes and threading.
         gates = 4 * shape.hidden
         out_size = lstm.proj_size or shape.hidden
-        # The engine's plan: (tasks (direction, first row, end row) or None, BLAS held to 1).
-        plan, blas_single = _engine._plan(shape.seq, shape.batch, directions, gates, out_size)
-        parallel = plan is not None
+        # The engine's plan: tasks (direction, first row, end row), run in parallel or one
+        # after another, BLAS held to one thread or not.
+        plan, parallel, blas_single = _engine._plan(
+            shape.seq, shape.batch, directions, gates, out_size
+        )
         tasks = _recurrent_tasks(lstm, shape, plan, rng)
         recurrent_first = _first_call(lambda: _time_recurrent([tasks[0][:1]], False, False))
         _time_recurrent(tasks, parallel, blas_single)  # warm-up (pool threads, caches)

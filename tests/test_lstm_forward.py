@@ -434,13 +434,13 @@ def test_state_and_lengths_forms_give_identical_results(rng, dtype):
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
-    """Count the calls of the serial kernels and of the engine's parallel dispatchers
+    """Count the calls of the engine's serial and parallel time-loop dispatchers
     (the engine looks them up at call time)."""
     calls = {}
     for module, name in (
-        (_kernels, "layer_forward_serial"),
+        (_engine, "layer_forward_serial"),
         (_engine, "layer_forward_parallel"),
-        (_kernels, "layer_backward_serial"),
+        (_engine, "layer_backward_serial"),
         (_engine, "layer_backward_parallel"),
     ):
         original = getattr(module, name)

@@ -35,10 +35,11 @@ def _blas_libraries(refresh: bool = False) -> list:
 
 
 def set_num_threads(n: int) -> None:
-    """Use ``n`` threads for fastlstm's parallel time loops and in every loaded BLAS library.
+    """Use ``n`` threads for fastlstm's parallel time loops, Numba and every loaded BLAS.
 
-    Numba's own parallel pool is left alone: no fastlstm kernel uses it, and starting it
-    would load an OpenMP runtime for nothing.
+    Numba's count is set too (as DESIGN.md promises), so user code mixing Numba and
+    fastlstm sees one setting; fastlstm's own kernels never open a Numba parallel region,
+    so its pool stays idle.
 
     Parameters
     ----------
@@ -52,6 +53,7 @@ def set_num_threads(n: int) -> None:
     highest = numba.config.NUMBA_NUM_THREADS
     if not 1 <= n <= highest:
         raise ValueError(f"n must be between 1 and {highest}, got {n}")
+    numba.set_num_threads(n)
     for lib in _blas_libraries(refresh=True):
         lib.set_num_threads(n)
     _num_threads = n

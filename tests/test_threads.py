@@ -1,0 +1,55 @@
+"""fl.set_num_threads governs fastlstm's tasks, Numba and every loaded BLAS together."""
+
+from __future__ import annotations
+
+import numba
+import pytest
+from threadpoolctl import threadpool_info
+
+import fastlstm as fl
+from fastlstm._threads import blas_single_threaded
+
+
+@pytest.fixture
+def restore_threads():
+    previous = fl.get_num_threads()
+    yield
+    fl.set_num_threads(previous)
+
+
+def blas_thread_counts() -> list[int]:
+    return [info["num_threads"] for info in threadpool_info() if info["user_api"] == "blas"]
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_set_num_threads_sets_numba_and_every_blas(restore_threads, n):
+    if n > numba.config.NUMBA_NUM_THREADS:
+        pytest.fail(f"this machine has fewer than {n} cores; the suite expects at least 2")
+    fl.set_num_threads(n)
+    assert fl.get_num_threads() == n
+    assert numba.get_num_threads() == n
+    counts = blas_thread_counts()
+    assert counts and all(count == n for count in counts)
+
+
+def test_blas_single_threaded_restores_each_library(restore_threads):
+    fl.set_num_threads(2)
+    with blas_single_threaded():
+        assert all(count == 1 for count in blas_thread_counts())
+    assert all(count == 2 for count in blas_thread_counts())
+
+
+@pytest.mark.parametrize(
+    ("value", "error", "match"),
+    [
+        (0, ValueError, "between 1 and"),
+        (10_000, ValueError, "between 1 and"),
+        (1.5, TypeError, "integer"),
+        (True, TypeError, "integer"),
+    ],
+)
+def test_bad_thread_counts_are_refused_and_change_nothing(restore_threads, value, error, match):
+    before = (fl.get_num_threads(), numba.get_num_threads(), blas_thread_counts())
+    with pytest.raises(error, match=match):
+        fl.set_num_threads(value)
+    assert (fl.get_num_threads(), numba.get_num_threads(), blas_thread_counts()) == before

@@ -332,6 +332,15 @@ def _gates_backward_ifg(ai, af, ag, dc, c_prev):
 
 
 @jit
+def _any_padded(lengths, b0, b1, steps):
+    """Whether any of rows b0..b1 has padded steps (then the loops restore carried state)."""
+    for b in range(b0, b1):
+        if lengths[b] < steps:
+            return True
+    return False
+
+
+@jit
 def _forward_rows(
     out, h_n, c_n, xp, hprev, cstate, mstore,
     h0, c0, w_hh, w_hr, peep, w_ch, lengths, d, b0, b1, training,
@@ -348,9 +357,7 @@ def _forward_rows(
     diagonal = peep.shape[1] > 0
     full = w_ch.shape[1] > 0
     ocol = d * out_size
-    padded = False
-    for r in range(rows):
-        padded = padded or lengths[b0 + r] < steps
+    padded = _any_padded(lengths, b0, b1, steps)
     h = h0[d, b0:b1].copy()
     h_new = np.empty_like(h)
     c = c0[d, b0:b1].copy().reshape(units)
@@ -437,9 +444,7 @@ def _backward_rows(
     has_proj = w_hr.shape[1] > 0
     full = w_ch.shape[1] > 0
     ocol = d * out_size
-    padded = False
-    for r in range(rows):
-        padded = padded or lengths[b0 + r] < steps
+    padded = _any_padded(lengths, b0, b1, steps)
     dh = dh_n[d, b0:b1].copy()
     dh_next = np.empty_like(dh)
     dc = dc_n[d, b0:b1].copy().reshape(units)

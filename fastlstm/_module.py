@@ -157,6 +157,10 @@ class Module:
         """Constructor arguments that rebuild this module (JSON-serialisable)."""
         raise NotImplementedError(f"{type(self).__name__} cannot be saved")
 
+    def __repr__(self) -> str:
+        options = ", ".join(f"{key}={value!r}" for key, value in self._config().items())
+        return f"{type(self).__name__}({options})"
+
     def save(self, path: str | os.PathLike) -> None:
         """Write configuration and parameters to one ``.npz`` file (no pickle inside).
 

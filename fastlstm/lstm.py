@@ -203,10 +203,6 @@ class LSTM(Module):
             "dtype": self.dtype.name,
         }
 
-    def __repr__(self) -> str:
-        options = ", ".join(f"{k}={v!r}" for k, v in self._config().items())
-        return f"LSTM({options})"
-
     @classmethod
     def from_torch(cls, module: Any) -> LSTM:
         """Build an LSTM with the configuration and weights of a ``torch.nn.LSTM``.
@@ -438,10 +434,6 @@ class LSTMCell(Module):
             "peephole": self.peephole,
             "dtype": self.dtype.name,
         }
-
-    def __repr__(self) -> str:
-        options = ", ".join(f"{k}={v!r}" for k, v in self._config().items())
-        return f"LSTMCell({options})"
 
     @classmethod
     def from_torch(cls, module: Any) -> LSTMCell:

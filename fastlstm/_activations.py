@@ -115,3 +115,14 @@ def one(x):
 def _one_overload(x):
     scalar = x
     return lambda x: scalar(1)
+
+
+def zero(x):
+    """The number 0 in the precision of ``x`` (``x * 0`` would promote float32 to float64)."""
+    return 0.0
+
+
+@overload(zero)
+def _zero_overload(x):
+    scalar = x
+    return lambda x: scalar(0)

@@ -10,10 +10,11 @@ Equations (one direction; gate order i, f, g, o as in PyTorch; row vectors, batc
 
 Layout. Gate values are kept *gate-major*: ``xp[d, gate, t]`` is one contiguous vector of
 B*H values (row b at b*H). So for any chunk of batch rows, each gate block of a step is a
-single contiguous slice, the gate math is a few long flat loops per step (AVX2 after
-LLVM's runtime alias checks, paid once per step rather than per row), and each recurrent
-product writes its gate block with one BLAS call (``beta = 1``, straight onto the input
-projection). Nothing is allocated inside a time loop.
+single contiguous slice and the gate math is a few long flat loops per step (AVX2 after
+LLVM's runtime alias checks, paid once per step rather than per row). Each step's
+recurrent product is one GEMM for all four gates into a scratch, spread into the gate
+blocks (or, for tiny sizes, a hand-written row-wise product straight into them). Nothing
+is allocated inside a time loop.
 
 Conventions: kernels never validate; outputs first, then inputs, then sizes and flags.
 Arrays are C-contiguous in the model's dtype; optional weights are empty arrays.
@@ -40,7 +41,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fastlstm._activations import fma, one, sigmoid, tanh
+from fastlstm._activations import fma, one, sigmoid, tanh, zero
 from fastlstm._blas import gemm_ab, gemm_abt, gemm_atb
 from fastlstm._config import PROJECTION_BLOCK_ROWS, SMALL_ROW_MACS, jit
 
@@ -158,7 +159,7 @@ def _small_recurrent_grad(dh_next, xp, d, t, lo, hidden, w_hh_t, row_grad):
             for j in range(hidden):
                 row_grad[g * hidden + j] = xp[d, g, t, base + j]
         for q in range(out_size):
-            acc = row_grad[0] * 0
+            acc = zero(row_grad[0])
             for col in range(gates):
                 acc += row_grad[col] * w_hh_t[q, col]
             dh_next[r, q] = acc
@@ -468,7 +469,7 @@ def _backward_rows(
             for r in range(rows):
                 active = t < lengths[b0 + r]
                 for j in range(out_size):
-                    dhstore[d, t, b0 + r, j] = dh[r, j] if active else 0
+                    dhstore[d, t, b0 + r, j] = dh[r, j] if active else zero(dh[r, j])
             _matmul_ab(dm_proj, dh, w_hr[d], False)
             dm = dm_proj.reshape(units)
         else:
@@ -619,7 +620,7 @@ def _dense_gradients_small(dx, gw_ih, gw_hh, gbias, xp, x, hprev, w_ih, d):
             for col in range(gates):
                 g_hh_t[q, col] += coef * da[col]
         for i in range(width):  # dx = da W_ih
-            acc = dx[row, i] if d > 0 else da[0] * 0
+            acc = dx[row, i] if d > 0 else zero(da[0])
             for col in range(gates):
                 acc += da[col] * w_ih_t[i, col]
             dx[row, i] = acc

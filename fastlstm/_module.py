@@ -128,7 +128,7 @@ class Module:
 
         Every key and shape is checked before anything is written: a missing or unexpected
         key raises KeyError, a wrong shape or non-numeric value ValueError/TypeError, and
-        the module is left unchanged.
+        the module is left unchanged. A successful load drops unconsumed forward caches.
         """
         if not isinstance(mapping, Mapping):
             raise TypeError(
@@ -151,6 +151,7 @@ class Module:
             converted[name] = value
         for name, value in converted.items():
             self.params[name][...] = value
+        self._caches.clear()  # forwards run with the old weights must not be backpropagated
 
     # ------------------------------------------------------------------ save / load
     def _config(self) -> dict[str, Any]:

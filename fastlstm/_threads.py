@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -23,6 +24,11 @@ from threadpoolctl import ThreadpoolController
 _controller: ThreadpoolController | None = None
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
+# Calls from several Python threads may overlap (the kernels release the GIL): the pool
+# and the BLAS hold are shared, so both change under this lock.
+_lock = threading.Lock()
+_hold_depth = 0
+_held_counts: list[int] = []
 _num_threads = max(1, min(os.cpu_count() or 1, numba.config.NUMBA_NUM_THREADS))
 
 
@@ -72,10 +78,12 @@ def run_tasks(function: Callable[..., None], tasks: Sequence[tuple]) -> None:
     """
     global _pool, _pool_size
     helpers = len(tasks) - 1
-    if helpers > _pool_size:
-        _pool = ThreadPoolExecutor(max_workers=helpers, thread_name_prefix="fastlstm")
-        _pool_size = helpers
-    futures = [_pool.submit(function, *task) for task in tasks[1:]]
+    with _lock:
+        if helpers > _pool_size:
+            _pool = ThreadPoolExecutor(max_workers=helpers, thread_name_prefix="fastlstm")
+            _pool_size = helpers
+        pool = _pool
+    futures = [pool.submit(function, *task) for task in tasks[1:]]
     try:
         function(*tasks[0])
     finally:
@@ -85,13 +93,29 @@ def run_tasks(function: Callable[..., None], tasks: Sequence[tuple]) -> None:
 
 @contextlib.contextmanager
 def blas_single_threaded() -> Iterator[None]:
-    """Hold every BLAS library to one thread inside the block, then restore each."""
-    libraries = _blas_libraries()
-    before = [lib.get_num_threads() for lib in libraries]
-    for lib in libraries:
-        lib.set_num_threads(1)
+    """Hold every BLAS library to one thread inside the block, then restore each.
+
+    Only the main thread holds: OpenBLAS ignores ``set_num_threads`` called from any other
+    thread (measured), so a hold taken or released there could never be undone reliably.
+    On other threads the block runs with the BLAS as it is (correct, possibly
+    oversubscribed). Holds nest on the main thread; the outermost restores.
+    """
+    global _hold_depth, _held_counts
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    with _lock:
+        if _hold_depth == 0:
+            libraries = _blas_libraries()
+            _held_counts = [lib.get_num_threads() for lib in libraries]
+            for lib in libraries:
+                lib.set_num_threads(1)
+        _hold_depth += 1
     try:
         yield
     finally:
-        for lib, count in zip(libraries, before, strict=True):
-            lib.set_num_threads(count)
+        with _lock:
+            _hold_depth -= 1
+            if _hold_depth == 0:
+                for lib, count in zip(_blas_libraries(), _held_counts, strict=True):
+                    lib.set_num_threads(count)

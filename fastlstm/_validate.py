@@ -18,7 +18,9 @@ def real_array(name: str, value: Any, dtype: np.dtype) -> np.ndarray:
         raise TypeError(f"{name} must be an array of real numbers, got None")
     try:
         array = to_numpy(value)
-    except (ValueError, TypeError) as exc:
+    except TypeError as exc:  # e.g. a torch tensor of a dtype NumPy lacks (bfloat16)
+        raise TypeError(f"{name} must be an array of real numbers: {exc}") from exc
+    except ValueError as exc:
         raise ValueError(f"{name} must be a rectangular array of real numbers: {exc}") from exc
     if array.dtype.kind not in "iuf":
         raise TypeError(

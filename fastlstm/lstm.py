@@ -257,8 +257,9 @@ class LSTM(Module):
         given_lengths = lengths is not None
         lengths = lengths_array(lengths, steps, batch)
         h0, c0 = self._check_state(state, batch, batched)
-        if given_lengths and (lengths < steps).any():
+        if self.training and given_lengths and (lengths < steps).any():
             # Zero the padding so nothing in it (NaN included) can reach any gradient.
+            # (Inference needs no copy: padded steps' results are discarded row by row.)
             valid = np.arange(steps)[:, None] < lengths[None, :]
             x_time_major = np.where(valid[:, :, None], x_time_major, 0).astype(self.dtype)
         elif self.training:

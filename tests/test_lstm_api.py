@@ -533,3 +533,21 @@ def test_dropout_with_one_layer_warns():
 @pytest.mark.parametrize("dropout", [0, 0.0, 1, 1.0], ids=["int0", "float0", "int1", "float1"])
 def test_dropout_interval_is_closed(dropout):
     assert fl.LSTM(I, H, 2, dropout=dropout).dropout == float(dropout)
+
+
+def test_load_state_dict_drops_unconsumed_caches():
+    """A forward run with the old weights must not be backpropagated against the new ones."""
+    model = fl.LSTM(3, 4, seed=1)
+    out, _ = model(np.ones((2, 1, 3), np.float32))
+    model.load_state_dict(fl.LSTM(3, 4, seed=2).state_dict())
+    with pytest.raises(RuntimeError, match="needs a forward call"):
+        model.backward(np.ones_like(out))
+
+
+def test_a_torch_tensor_of_a_dtype_numpy_lacks_is_a_type_error():
+    import torch
+
+    model = fl.LSTM(3, 4, seed=1)
+    with pytest.raises(TypeError, match="x must be an array of real numbers"):
+        model(torch.ones((2, 1, 3), dtype=torch.bfloat16))
+    assert not model._caches

@@ -53,3 +53,28 @@ def test_bad_thread_counts_are_refused_and_change_nothing(restore_threads, value
     with pytest.raises(error, match=match):
         fl.set_num_threads(value)
     assert (fl.get_num_threads(), numba.get_num_threads(), blas_thread_counts()) == before
+
+
+def test_nested_holds_restore_once_and_other_threads_change_nothing(restore_threads):
+    """Holds nest on the main thread (the outermost restores); a hold on another thread is a
+    no-op, because OpenBLAS ignores thread-count changes made from non-main threads."""
+    import threading
+
+    fl.set_num_threads(2)
+    with blas_single_threaded():
+        with blas_single_threaded():
+            assert all(count == 1 for count in blas_thread_counts())
+        assert all(count == 1 for count in blas_thread_counts())
+    assert all(count == 2 for count in blas_thread_counts())
+
+    seen = []
+
+    def other_thread():
+        with blas_single_threaded():
+            seen.append(blas_thread_counts())
+
+    worker = threading.Thread(target=other_thread)
+    worker.start()
+    worker.join(10)
+    assert seen and all(count == 2 for count in seen[0])
+    assert all(count == 2 for count in blas_thread_counts())

@@ -17,15 +17,15 @@ FASTMATH = {"nsz"}
 # differently, and results would then depend on how rows are split across threads.
 FASTMATH_REDUCTIONS = FASTMATH | {"reassoc", "contract"}
 
-# A layer call goes parallel (a chunk of the batch, or one direction, per thread for the
-# whole time loop) only when it has at least this many multiply-adds in its recurrent
-# products: below it, waking the threads costs more than it saves.
+# A layer's time loops use more than one thread (its two directions as two tasks, or the
+# BLAS threading a large step) only when they hold at least this many multiply-adds in
+# their recurrent products: below it, waking threads costs more than it saves.
 PARALLEL_MIN_MACS = 4_000_000
 
-# A one-direction layer whose per-step recurrent GEMM has at least this many multiply-adds
-# runs serially and lets the BLAS thread each step: measured here, OpenBLAS on two threads
-# beats two single-threaded halves of the batch from about this size (64 x 500 x 2000 and
-# up) and loses below it (32 x 256 x 1024: 40 against 2 x 32 GFLOP/s).
+# One direction's per-step recurrent GEMM is left to the BLAS's threads from this many
+# multiply-adds up, and held to one BLAS thread below (measured here with OpenBLAS: two
+# threads win from about 64 x 500 x 2000, 104-116 against 60-69 GFLOP/s, and lose at
+# 32 x 256 x 1024, 40 against 47 GFLOP/s).
 BLAS_THREADED_STEP_MACS = 32_000_000
 
 # Products whose work per row (multiply-adds) is at most this are done row by row by
@@ -36,7 +36,7 @@ BLAS_THREADED_STEP_MACS = 32_000_000
 SMALL_ROW_MACS = 4096
 
 
-def jit(*args, parallel: bool = False, reductions: bool = False, **kwargs):
+def jit(*args, reductions: bool = False, **kwargs):
     """``numba.njit`` with fastlstm's flags and ``cache=True``, falling back to no cache.
 
     Numba raises at decoration time when it finds no writable cache folder (an installed
@@ -48,7 +48,6 @@ def jit(*args, parallel: bool = False, reductions: bool = False, **kwargs):
         # which would otherwise keep every loop with a division from vectorising.
         options = {
             "fastmath": FASTMATH_REDUCTIONS if reductions else FASTMATH,
-            "parallel": parallel,
             "nogil": True,
             "error_model": "numpy",
             **kwargs,

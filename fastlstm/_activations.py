@@ -4,10 +4,11 @@ Numba has no SVML, so ``np.tanh``/``np.exp`` inside a loop stay scalar library c
 block vectorisation. For float32 the kernels use a rational approximation of tanh
 (Eigen's ``generic_fast_tanh_float``: odd degree-13 over even degree-6 polynomial,
 a few ulp from the exact value) built only from multiply, add, divide and select, which
-LLVM turns into AVX2 code; sigmoid(x) = 0.5 tanh(x/2) + 0.5. Beyond |x| = 9 tanh rounds
-to ±1 in float32, and the approximation returns exactly ±1 there, so sigmoid saturates
-to exactly 0 and 1 and huge inputs never make NaN. Comparisons are written so that a NaN
-input falls through every select and comes out NaN.
+LLVM turns into AVX2 code. Beyond |x| = 9 tanh rounds to ±1 in float32 and the
+approximation returns exactly ±1 there. Sigmoid uses a vectorisable exp (Cephes expf,
+about 1 ulp; 2**n built from exponent bits) as 1/(1+e) or e/(1+e) with e = exp(-|x|), so
+it keeps float32 relative accuracy in both tails and saturates to exactly 0 and 1; huge
+inputs never make NaN. Comparisons are written so that a NaN input comes out NaN.
 
 float64 keeps the exact functions: its contract is float64 rounding, and no fast
 approximation meets it.
@@ -18,8 +19,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from llvmlite import ir
 from numba import types
-from numba.extending import intrinsic, overload
+from numba.extending import intrinsic, overload, register_jitable
 
 _F = np.float32
 _CLAMP = _F(7.90531110763549805)
@@ -54,6 +56,63 @@ def fma(typingctx, a, b, c):
         return builder.fma(*args)
 
     return a(a, b, c), codegen
+
+
+@intrinsic
+def _pow2(typingctx, n):
+    """2**n for a whole float32 n in [-126, 127], built from the exponent bits (vectorises)."""
+    if n != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        int32 = ir.IntType(32)
+        exponent = builder.add(builder.fptosi(args[0], int32), ir.Constant(int32, 127))
+        bits = builder.shl(exponent, ir.Constant(int32, 23))
+        return builder.bitcast(bits, ir.FloatType())
+
+    return types.float32(n), codegen
+
+
+# exp for float32 (Cephes expf): x = n ln2 + r, |r| <= ln2 / 2, exp(r) by a degree-7 polynomial.
+_LOG2E = _F(1.44269504088896341)
+_LN2_HI = _F(0.693359375)
+_LN2_LO = _F(-2.12194440e-4)
+_EXP_LO = _F(-87.3)  # below: exp would leave the normal float32 range
+_E1 = _F(1.9875691500e-4)
+_E2 = _F(1.3981999507e-3)
+_E3 = _F(8.3334519073e-3)
+_E4 = _F(4.1665795894e-2)
+_E5 = _F(1.6666665459e-1)
+_E6 = _F(5.0000001201e-1)
+_ZERO = _F(0.0)
+
+
+@register_jitable(inline="never")
+def _exp_nonpositive_f32(a):
+    """exp(a) for a <= 0 and a >= -87.3 (callers clamp), about 1 ulp."""
+    n = np.floor(fma(a, _LOG2E, _HALF))
+    r = fma(n, -_LN2_HI, a)
+    r = fma(n, -_LN2_LO, r)
+    p = fma(_E1, r, _E2)
+    p = fma(p, r, _E3)
+    p = fma(p, r, _E4)
+    p = fma(p, r, _E5)
+    p = fma(p, r, _E6)
+    p = fma(p, r * r, r) + _ONE
+    return p * _pow2(n)
+
+
+def _sigmoid_f32(x):
+    # e = exp(-|x|) in (0, 1]: sigma = 1/(1+e) for x >= 0 and e/(1+e) for x < 0, both
+    # without cancellation, so the left tail keeps its relative accuracy. Below -87.3 the
+    # exact value is subnormal and flushes to 0; above 17, 1 + e rounds to 1: exact 1.
+    a = -abs(x)
+    safe = a if a > _EXP_LO else _EXP_LO  # NaN falls to the clamp here; restored below
+    e = _exp_nonpositive_f32(safe)
+    denominator = _ONE + e
+    y = (_ONE if x >= _ZERO else e) / denominator
+    y = _ZERO if x < _EXP_LO else y
+    return x if x != x else y
 
 
 def _tanh_f32(x):
@@ -99,7 +158,7 @@ def _tanh_overload(x):
 @overload(sigmoid)
 def _sigmoid_overload(x):
     if x == types.float32:
-        return lambda x: fma(_HALF, tanh(_HALF * x), _HALF)
+        return _sigmoid_f32
     if x == types.float64:
         # exp(-x) overflows to inf for x < -709 and 1/(1+inf) = 0: saturation, no NaN.
         return lambda x: 1.0 / (1.0 + math.exp(-x))

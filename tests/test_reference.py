@@ -12,6 +12,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from seed_cell import CustomLSTMCell as SeedCustomLSTMCell
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from utils import assert_close
 
@@ -357,50 +358,6 @@ def test_cell_matches_torch(rng, dtype, bias, with_state):
         assert_close(grads[name], p.grad, dtype, what=name)
 
 
-class SeedCustomLSTMCell(torch.nn.Module):
-    """The seeds' CustomLSTMCell (the origin of peephole="full"), kept as written there."""
-
-    def __init__(self, input_size, hidden_size):
-        super().__init__()
-        self.W_f = torch.nn.Linear(input_size + hidden_size, hidden_size, dtype=torch.float64)
-        self.U_f = torch.nn.Linear(hidden_size, hidden_size, dtype=torch.float64)
-        self.W_i = torch.nn.Linear(input_size + hidden_size, hidden_size, dtype=torch.float64)
-        self.U_i = torch.nn.Linear(hidden_size, hidden_size, dtype=torch.float64)
-        self.W_c = torch.nn.Linear(input_size + hidden_size, hidden_size, dtype=torch.float64)
-        self.U_c = torch.nn.Linear(hidden_size, hidden_size, dtype=torch.float64)
-        self.W_o = torch.nn.Linear(input_size + hidden_size, hidden_size, dtype=torch.float64)
-        self.U_o = torch.nn.Linear(hidden_size, hidden_size, dtype=torch.float64)
-
-    def forward(self, x, init_states):
-        h_t, c_t = init_states
-        f_t = torch.sigmoid(self.W_f(torch.cat([x, h_t], dim=1)) + self.U_f(c_t))
-        i_t = torch.sigmoid(self.W_i(torch.cat([x, h_t], dim=1)) + self.U_i(c_t))
-        g_t = torch.tanh(self.W_c(torch.cat([x, h_t], dim=1)) + self.U_c(c_t))
-        c_t = f_t * c_t + i_t * g_t
-        o_t = torch.sigmoid(self.W_o(torch.cat([x, h_t], dim=1)) + self.U_o(c_t))
-        h_t = o_t * torch.tanh(c_t)
-        return h_t, c_t
-
-    def gates(self):
-        """The (W, U) layers in fastlstm's gate order i, f, g, o."""
-        return [self.W_i, self.W_f, self.W_c, self.W_o], [self.U_i, self.U_f, self.U_c, self.U_o]
-
-    def fastlstm_params(self):
-        """The same weights under fastlstm's names: x comes first in the seed's concat [x, h]."""
-        W, U = self.gates()
-
-        def stack(tensors):
-            return torch.cat(tensors).detach().numpy().copy()
-
-        return {
-            "weight_ih": stack([w.weight[:, :I] for w in W]),
-            "weight_hh": stack([w.weight[:, I:] for w in W]),
-            "bias_ih": stack([w.bias for w in W]),
-            "weight_ch": stack([u.weight for u in U]),
-            "bias_ch": stack([u.bias for u in U]),
-        }
-
-
 def test_cell_full_peephole_matches_seed_custom_cell(rng):
     torch.manual_seed(0)
     seed_cell = SeedCustomLSTMCell(I, H)
@@ -424,6 +381,8 @@ def test_cell_full_peephole_matches_seed_custom_cell(rng):
         "weight_ih": torch.cat([w.weight.grad[:, :I] for w in W]),
         "weight_hh": torch.cat([w.weight.grad[:, I:] for w in W]),
         "bias_ih": torch.cat([w.bias.grad for w in W]),
+        # the seed has one bias per W_*; fastlstm's bias_hh is zero and adds to the same sum
+        "bias_hh": torch.cat([w.bias.grad for w in W]),
         "weight_ch": torch.cat([u.weight.grad for u in U]),
         "bias_ch": torch.cat([u.bias.grad for u in U]),
     }

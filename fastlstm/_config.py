@@ -28,6 +28,12 @@ PARALLEL_MIN_MACS = 4_000_000
 # 32 x 256 x 1024, 40 against 47 GFLOP/s).
 BLAS_THREADED_STEP_MACS = 32_000_000
 
+# A layer's time loop projects each step's inputs itself (x_t W_ih^T next to h W_hh^T,
+# while the step's gate block is in cache) when one direction's W_ih and W_hh together
+# take at most this many bytes: beyond, streaming both every step from memory costs more
+# than one GEMM over all steps before the loop.
+FUSED_MAX_WEIGHT_BYTES = 8 << 20
+
 # Products whose work per row (multiply-adds) is at most this are done row by row by
 # hand-written loops over all 4H gate columns at once, instead of per-gate BLAS calls:
 # OpenBLAS spends microseconds per call on tiny matrices (and may wake its threads).

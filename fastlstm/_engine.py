@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fastlstm import _kernels
-from fastlstm._config import BLAS_THREADED_STEP_MACS, PARALLEL_MIN_MACS
+from fastlstm import _kernels, _packed
+from fastlstm._config import BLAS_THREADED_STEP_MACS, FUSED_MAX_WEIGHT_BYTES, PARALLEL_MIN_MACS
 from fastlstm._threads import blas_single_threaded, get_num_threads, run_tasks
 
 
@@ -85,25 +85,79 @@ def _summed_bias(layer: LayerArrays) -> np.ndarray:
     return bias
 
 
+def fuses_input_projection(batch: int, w_ih: np.ndarray, w_hh: np.ndarray) -> bool:
+    """Whether the time loop projects each step's input itself (see _kernels._forward_rows).
+
+    It does unless the batch is one row (the register tile would run one row at a time)
+    or W_ih and W_hh together outgrow the cache (each step would stream both from
+    memory): then one GEMM over all steps first (project_inputs) is faster.
+    """
+    return batch > 1 and w_ih[0].nbytes + w_hh[0].nbytes <= FUSED_MAX_WEIGHT_BYTES
+
+
+def _project_inputs(xp, inputs, w_ih, bias, in_parallel: bool) -> None:
+    """Every step's input projection before the time loop; split over fastlstm's threads
+    (BLAS on one thread each) when the loop runs in parallel: an OpenBLAS thread left
+    spinning after a threaded call would take a core from the loop's tasks."""
+    steps = xp.shape[2]
+    parts = min(get_num_threads(), steps) if in_parallel else 1
+    if parts < 2:
+        _kernels.project_inputs(xp, inputs, w_ih, bias, 0, steps)
+        return
+    bounds = [steps * part // parts for part in range(parts + 1)]
+    with blas_single_threaded():
+        run_tasks(
+            _kernels.project_inputs,
+            [(xp, inputs, w_ih, bias, bounds[i], bounds[i + 1]) for i in range(parts)],
+        )
+
+
+def forward_panels(layer: LayerArrays, fused: bool) -> tuple[np.ndarray, ...]:
+    """The forward loop's weights packed for the micro-kernel, once per layer call:
+    (W_ih if ``fused``, W_hh, W_hr, W_ch[i, f, g], W_ch[o]) as ``x W^T`` panels (empty
+    arrays when absent)."""
+    dtype = layer.w_hh.dtype
+    hidden = layer.w_hh.shape[1] // 4
+    w_ih = _packed.pack_columns(layer.w_ih, 4) if fused else _empty(dtype, 4)
+    w_hh = _packed.pack_columns(layer.w_hh, 4)
+    w_hr = _packed.pack_columns(layer.w_hr, 1) if layer.w_hr is not None else _empty(dtype, 4)
+    if layer.w_ch is None:
+        return w_ih, w_hh, w_hr, _empty(dtype, 4), _empty(dtype, 4)
+    ifg = np.ascontiguousarray(layer.w_ch[:, : 3 * hidden])
+    o = np.ascontiguousarray(layer.w_ch[:, 3 * hidden :])
+    return w_ih, w_hh, w_hr, _packed.pack_columns(ifg, 3), _packed.pack_columns(o, 1)
+
+
+def backward_panels(layer: LayerArrays) -> tuple[np.ndarray, ...]:
+    """The backward loop's weights packed for the micro-kernel, once per layer call:
+    (W_hh, W_hr, W_ch) as ``x W`` panels (empty arrays when absent)."""
+    dtype = layer.w_hh.dtype
+    return tuple(
+        _packed.pack_rows(w) if w is not None else _empty(dtype, 4)
+        for w in (layer.w_hh, layer.w_hr, layer.w_ch)
+    )
+
+
 def _plan(steps: int, batch: int, directions: int, gates: int, out_size: int):
     """How to run a layer's time loops: (tasks, run them in parallel, hold BLAS to one thread).
 
-    A task is (direction, first row, end row).
-
-    Measured on two cores (OpenBLAS): splitting one direction's batch across threads does
-    not pay, because every thread repacks the whole W_hh each step and thinner GEMMs run
-    slower; so one direction runs on the calling thread. Its per-step GEMM is threaded by
-    the BLAS when it is large, and held to one thread when it is not (OpenBLAS's threads
-    lose on mid-sized steps). Two directions run as two tasks over the whole sequence,
-    one BLAS thread each: one fork/join per layer call.
+    A task is (direction, first row, end row): rows never interact in a time loop, and the
+    packed W_hh is shared read-only, so each task runs its whole loop with no
+    synchronisation (one fork/join per layer call, as ONNX Runtime splits its batch).
+    Each direction's batch is split into as many row chunks as there are threads per
+    direction, keeping at least one register block of rows per chunk. One row (B = 1)
+    cannot be split: its gemv is threaded by the BLAS when a step is large.
     """
-    tasks = [(d, 0, batch) for d in range(directions)]
     threads = get_num_threads()
     step_macs = batch * gates * out_size
+    serial = [(d, 0, batch) for d in range(directions)]
     if threads < 2 or steps * directions * step_macs < PARALLEL_MIN_MACS:
-        return tasks, False, False
-    if directions == 1:
-        return tasks, False, step_macs < BLAS_THREADED_STEP_MACS
+        return serial, False, False
+    chunks = max(1, min(threads // directions, batch // _packed.ROWS))
+    if directions * chunks < 2:
+        return serial, False, step_macs < BLAS_THREADED_STEP_MACS
+    bounds = [batch * part // chunks for part in range(chunks + 1)]
+    tasks = [(d, bounds[i], bounds[i + 1]) for d in range(directions) for i in range(chunks)]
     return tasks, True, True
 
 
@@ -153,7 +207,8 @@ def forward(
     """Run every layer. x (T, B, I); h0 (L*D, B, P); c0 (L*D, B, H); lengths (B,) int64.
 
     Returns out (T, B, D*P), h_n, c_n and, in training, the list of LayerCache.
-    With a ``timings`` dict, adds seconds per phase: "input_gemm", "time_loop", "dropout".
+    With a ``timings`` dict, adds seconds per phase: "input_gemm", "pack_weights", "time_loop",
+    "dropout".
     """
     steps, batch, _ = x.shape
     directions, gates, out_size = layers[0].w_hh.shape
@@ -168,7 +223,11 @@ def forward(
         inputs = layer_in.reshape(steps * batch, width)
         xp = np.empty((directions, 4, steps, batch * hidden), dtype)
         bias = _summed_bias(layer)
-        _timed(timings, "input_gemm", _kernels.project_inputs, xp, inputs, layer.w_ih, bias)
+        fused = fuses_input_projection(batch, layer.w_ih, layer.w_hh)
+        if not fused:
+            _timed(
+                timings, "input_gemm", _project_inputs, xp, inputs, layer.w_ih, bias, in_parallel
+            )
         out = np.empty((steps, batch, directions * out_size), dtype)
         if training:
             hprev = np.empty((directions, steps, batch, out_size), dtype)
@@ -178,10 +237,11 @@ def forward(
         else:
             hprev, cstate, mstore = _empty(dtype, 4), _empty(dtype, 3), _empty(dtype, 4)
         rows = slice(k * directions, (k + 1) * directions)
+        packed = _timed(timings, "pack_weights", forward_panels, layer, fused)
         args = (
             out, h_n[rows], c_n[rows], xp, hprev, cstate, mstore, h0[rows], c0[rows],
-            layer.w_hh, _optional(layer.w_hr, dtype), _optional(layer.peep, dtype),
-            _optional(layer.w_ch, dtype), lengths, training,
+            inputs, bias, layer.w_hh, packed, _optional(layer.w_hr, dtype),
+            _optional(layer.peep, dtype), _optional(layer.w_ch, dtype), lengths, training,
         )  # fmt: skip
         _time_loops(
             timings, "time_loop", layer_forward_serial, layer_forward_parallel,
@@ -212,7 +272,8 @@ def backward(
 
     dout (T, B, D*P); dh_n (L*D, B, P); dc_n (L*D, B, H). Returns dx (T, B, I), dh0, dc0.
     The caches' gate arrays are overwritten (a cache serves one backward).
-    With a ``timings`` dict, adds seconds per phase: "backward_time_loop", "weight_gradients".
+    With a ``timings`` dict, adds seconds per phase: "pack_weights", "backward_time_loop",
+    "weight_gradients".
     """
     steps, batch, _ = dout.shape
     directions, gates, out_size = layers[0].w_hh.shape
@@ -226,10 +287,11 @@ def backward(
         has_proj = layer.w_hr is not None
         dhstore = np.empty((directions, steps, batch, out_size) if has_proj else (0,) * 4, dtype)
         rows = slice(k * directions, (k + 1) * directions)
+        packed = _timed(timings, "pack_weights", backward_panels, layer)
         args = (
             cache.xp, dh0[rows], dc0[rows], dhstore, np.ascontiguousarray(d_layer_out),
             dh_n[rows], dc_n[rows], cache.cstate, cache.c0,
-            layer.w_hh, _optional(layer.w_hr, dtype), _optional(layer.peep, dtype),
+            layer.w_hh, packed, _optional(layer.w_hr, dtype), _optional(layer.peep, dtype),
             _optional(layer.w_ch, dtype), lengths,
         )  # fmt: skip
         _time_loops(
@@ -237,7 +299,7 @@ def backward(
             args, tasks, in_parallel, blas_single,
         )  # fmt: skip
         d_layer_in = _timed(
-            timings, "weight_gradients", _weight_gradients, layer, grad, cache, dhstore
+            timings, "weight_gradients", _weight_gradients, layer, grad, cache, dhstore, in_parallel
         )
         if k > 0:
             below = caches[k - 1].mask
@@ -253,19 +315,28 @@ def _dropout_mask(rng, shape, dropout: float, dtype) -> np.ndarray:
     return (keep * scale).astype(dtype)
 
 
-def _weight_gradients(layer, grad, cache, dhstore):
-    """All weight gradients of one layer, added into ``grad``; returns dL/dinput (T*B, I)."""
+def _weight_gradients(layer, grad, cache, dhstore, in_parallel: bool):
+    """All weight gradients of one layer, added into ``grad``; returns dL/dinput (T*B, I).
+
+    Split over fastlstm's threads (BLAS on one thread each) when the time loops run in
+    parallel, for the same reason as the input projection."""
     directions, gates, _ = layer.w_hh.shape
     dtype = layer.w_hh.dtype
     inputs = cache.inputs
     d_inputs = np.empty_like(inputs)
     bias_grad = np.zeros((directions, gates), dtype)
-    _kernels.weight_gradients(
+    args = (
         d_inputs, grad.w_ih, grad.w_hh, bias_grad,
         _optional(grad.w_hr, dtype), _optional(grad.peep, dtype), _optional(grad.w_ch, dtype),
         cache.xp, inputs, cache.hprev, cache.cstate, cache.c0, cache.mstore, dhstore,
         layer.w_ih,
     )  # fmt: skip
+    parts = get_num_threads() if in_parallel else 1
+    if parts < 2:
+        _kernels.weight_gradients(*args, 0, 1)
+    else:
+        with blas_single_threaded():
+            run_tasks(_kernels.weight_gradients, [(*args, part, parts) for part in range(parts)])
     for part in (grad.b_ih, grad.b_hh, grad.b_ch):
         if part is not None:
             part += bias_grad

@@ -44,44 +44,9 @@ import numpy as np
 from fastlstm._activations import fma, one, sigmoid, tanh, zero
 from fastlstm._blas import gemm_ab, gemm_abt, gemm_atb
 from fastlstm._config import PROJECTION_BLOCK_ROWS, SMALL_ROW_MACS, jit
+from fastlstm._packed import ROWS, product_ab, product_abt
 
 # ----------------------------------------------------------------------------- products
-
-
-@jit(reductions=True)
-def _matmul_abt(c, a, b, accumulate):
-    """c = a @ b.T (+ c if accumulate); a hand-written loop when the product is tiny."""
-    m, k = a.shape
-    n = b.shape[0]
-    if k * n > SMALL_ROW_MACS:
-        gemm_abt(c, a, b, 1.0 if accumulate else 0.0)
-        return
-    for r in range(m):
-        for col in range(n):
-            if not accumulate:
-                c[r, col] = 0
-            acc = c[r, col]
-            for q in range(k):
-                acc += a[r, q] * b[col, q]
-            c[r, col] = acc
-
-
-@jit
-def _matmul_ab(c, a, b, accumulate):
-    """c = a @ b (+ c if accumulate); a hand-written loop when the product is tiny."""
-    m, k = a.shape
-    n = b.shape[1]
-    if k * n > SMALL_ROW_MACS:
-        gemm_ab(c, a, b, 1.0 if accumulate else 0.0)
-        return
-    for r in range(m):
-        if not accumulate:
-            for col in range(n):
-                c[r, col] = 0
-        for q in range(k):
-            coef = a[r, q]
-            for col in range(n):
-                c[r, col] += coef * b[q, col]
 
 
 @jit
@@ -97,31 +62,6 @@ def _transpose(w):
 
 # The row-by-row loops below index arrays directly instead of slicing per row: every view
 # made inside a loop costs reference-count updates that dwarf a tiny row's arithmetic.
-
-
-@jit
-def _small_product_into_gates(xp, d, t, lo, hidden, src, w_t, g0, g1, row_sum):
-    """Tiny sizes: xp[d, g0:g1, t] += src @ w_t[:, g0*H:g1*H], all gates of a row at once.
-
-    src (rows, K); w_t (K, 4H) the transposed weights; row_sum (4H,) scratch. The inner
-    loop runs over every gate column of a row (long enough to vectorise when H is small);
-    it indexes w_t directly: views made per row cost reference counting, and a view-to-view
-    loop gets fully unrolled as scalar code.
-    """
-    rows, inner = src.shape
-    c0 = g0 * hidden
-    width = (g1 - g0) * hidden
-    for r in range(rows):
-        for col in range(width):
-            row_sum[col] = 0
-        for q in range(inner):
-            coef = src[r, q]
-            for col in range(width):
-                row_sum[col] = fma(coef, w_t[q, c0 + col], row_sum[col])
-        base = lo + r * hidden
-        for g in range(g1 - g0):
-            for j in range(hidden):
-                xp[d, g0 + g, t, base + j] += row_sum[g * hidden + j]
 
 
 @jit
@@ -146,23 +86,6 @@ def _gather_gates(step_grad, xp, d, t, lo, hidden):
             base = lo + r * hidden
             for j in range(hidden):
                 step_grad[r, g * hidden + j] = block[base + j]
-
-
-@jit(reductions=True)
-def _small_recurrent_grad(dh_next, xp, d, t, lo, hidden, w_hh_t, row_grad):
-    """Tiny sizes: dh_next = sum_g dL/da_g @ W_hh[g]: per row, 4H-long dot products."""
-    rows, out_size = dh_next.shape
-    gates = 4 * hidden
-    for r in range(rows):
-        base = lo + r * hidden
-        for g in range(4):
-            for j in range(hidden):
-                row_grad[g * hidden + j] = xp[d, g, t, base + j]
-        for q in range(out_size):
-            acc = zero(row_grad[0])
-            for col in range(gates):
-                acc += row_grad[col] * w_hh_t[q, col]
-            dh_next[r, q] = acc
 
 
 @jit
@@ -344,7 +267,7 @@ def _any_padded(lengths, b0, b1, steps):
 @jit
 def _forward_rows(
     out, h_n, c_n, xp, hprev, cstate, mstore,
-    h0, c0, w_hh, w_hr, peep, w_ch, lengths, d, b0, b1, training,
+    h0, c0, x, bias, w_hh, packed, w_hr, peep, w_ch, lengths, d, b0, b1, training,
 ):  # fmt: skip
     """Direction d of one layer for batch rows b0..b1, over all steps."""
     steps = xp.shape[2]
@@ -365,12 +288,19 @@ def _forward_rows(
     c_new = np.empty_like(c)
     m_proj = np.empty((rows if has_proj else 0, hidden), dtype=c.dtype)
     p_i, p_f, p_o = _tiled_peepholes(peep, d, rows)
-    w_hh_d = w_hh[d]
-    small = out_size * 4 * hidden <= SMALL_ROW_MACS
-    w_hh_t = _transpose(w_hh_d) if small else np.empty((0, 0), dtype=c.dtype)
-    w_ch_t = _transpose(w_ch[d]) if small and full else np.empty((0, 0), dtype=c.dtype)
-    row_sum = np.empty(4 * hidden, dtype=c.dtype)
-    step_sum = np.empty((0 if small else rows, 4 * hidden), dtype=c.dtype)
+    # A batch of one row: the BLAS's gemv streams W_hh better than a one-row register tile.
+    # (Decided by the whole batch, so a row's arithmetic never depends on the row split.)
+    gemv = lengths.shape[0] == 1
+    step_sum = np.empty((rows if gemv else 0, 4 * hidden), dtype=c.dtype)
+    scratch = np.empty(2 * ROWS * 32 // c.itemsize, dtype=c.dtype)
+    pan_ih, pan_hh, pan_hr, pan_ifg, pan_o = packed  # (p_i, p_f, p_o are the peepholes)
+    # With W_ih's panels, each step's input projection is done here, just before the
+    # recurrent product, while that step's gate block is in cache (xp is written once
+    # and read once per step); without, xp already holds it (project_inputs).
+    fused = pan_ih.shape[1] > 0
+    batch = lengths.shape[0]
+    width_in = x.shape[1]
+    gate_stride = steps * xp.shape[3]
     for s in range(steps):
         t = steps - 1 - s if d == 1 else s
         m = m_proj if has_proj else h_new
@@ -378,33 +308,41 @@ def _forward_rows(
         af = xp[d, 1, t, lo:hi]
         ag = xp[d, 2, t, lo:hi]
         ao = xp[d, 3, t, lo:hi]
-        c2 = c.reshape((rows, hidden))
-        if small:
-            _small_product_into_gates(xp, d, t, lo, hidden, h, w_hh_t, 0, 4, row_sum)
-            if full:
-                _small_product_into_gates(xp, d, t, lo, hidden, c2, w_ch_t, 0, 3, row_sum)
-        else:  # one GEMM for all four gates (far better than four thin ones), then spread
-            gemm_abt(step_sum, h, w_hh_d, 0.0)
-            if full:
-                gemm_abt(step_sum[:, : 3 * hidden], c2, w_ch[d, : 3 * hidden], 1.0)
+        base = d * 4 * gate_stride + t * xp.shape[3] + lo  # xp[d, 0, t, lo] in xp.flat
+        if fused:  # bias + x_t W_ih^T
+            for g in range(4):
+                block = xp[d, g, t]
+                for r in range(rows):
+                    for j in range(hidden):
+                        block[lo + r * hidden + j] = bias[d, g * hidden + j]
+            x_base = (t * batch + b0) * width_in
+            product_abt(
+                xp, base, gate_stride, hidden, hidden, rows, x, x_base, pan_ih, d, 4, scratch
+            )
+        if gemv:
+            gemm_abt(step_sum, h, w_hh[d], 0.0)
             _add_into_gates(xp, d, t, lo, hidden, step_sum)
+        else:
+            product_abt(xp, base, gate_stride, hidden, hidden, rows, h, 0, pan_hh, d, 4, scratch)
+        if full:
+            c2 = c.reshape((rows, hidden))
+            product_abt(xp, base, gate_stride, hidden, hidden, rows, c2, 0, pan_ifg, d, 3, scratch)
         if training:
             hprev[d, t, b0:b1] = h
         m_flat = m.reshape(units)
         if full:
             _gates_forward_ifg(ai, af, ag, c, c_new)
             c_new2 = c_new.reshape((rows, hidden))
-            if small:
-                _small_product_into_gates(xp, d, t, lo, hidden, c_new2, w_ch_t, 3, 4, row_sum)
-            else:
-                gemm_abt(ao.reshape((rows, hidden)), c_new2, w_ch[d, 3 * hidden :], 1.0)
+            o_base = base + 3 * gate_stride
+            product_abt(xp, o_base, 0, hidden, hidden, rows, c_new2, 0, pan_o, d, 1, scratch)
             _gates_forward_o(ao, c_new, m_flat)
         elif diagonal:
             _gates_forward_diagonal(ai, af, ag, ao, c, c_new, m_flat, p_i, p_f, p_o)
         else:
             _gates_forward(ai, af, ag, ao, c, c_new, m_flat)
         if has_proj:
-            _matmul_abt(h_new, m_proj, w_hr[d], False)
+            h_new[:] = 0
+            product_abt(h_new, 0, 0, out_size, out_size, rows, m_proj, 0, pan_hr, d, 1, scratch)
         if padded:
             for r in range(rows):
                 if t >= lengths[b0 + r]:  # carry the state through a padded step
@@ -432,7 +370,7 @@ def _forward_rows(
 @jit
 def _backward_rows(
     xp, dh0, dc0, dhstore, dout, dh_n, dc_n, cstate, c0,
-    w_hh, w_hr, peep, w_ch, lengths, d, b0, b1,
+    w_hh, packed, w_hr, peep, w_ch, lengths, d, b0, b1,
 ):  # fmt: skip
     """Direction d of one layer backward for rows b0..b1: dL/da into xp, dh0 and dc0."""
     steps = xp.shape[2]
@@ -453,11 +391,11 @@ def _backward_rows(
     dm_proj = np.empty((rows if has_proj else 0, hidden), dtype=dc.dtype)
     c0_rows = c0[d].reshape(c0.shape[1] * hidden)[lo:hi]
     p_i, p_f, p_o = _tiled_peepholes(peep, d, rows)
-    w_hh_d = w_hh[d]
-    small = out_size * 4 * hidden <= SMALL_ROW_MACS
-    w_hh_t = _transpose(w_hh_d) if small else np.empty((0, 0), dtype=dc.dtype)
-    row_grad = np.empty(4 * hidden, dtype=dc.dtype)
-    step_grad = np.empty((0 if small else rows, 4 * hidden), dtype=dc.dtype)
+    gemv = lengths.shape[0] == 1  # as in the forward loop
+    step_grad = np.empty((rows if gemv else 0, 4 * hidden), dtype=dc.dtype)
+    scratch = np.empty(2 * ROWS * 32 // dc.itemsize, dtype=dc.dtype)
+    pan_hh, pan_hr, pan_ch = packed
+    gate_stride = steps * xp.shape[3]
     for s in range(steps - 1, -1, -1):
         t = steps - 1 - s if d == 1 else s
         t_prev = t + 1 if d == 1 else t - 1  # the step that ran before t
@@ -470,7 +408,8 @@ def _backward_rows(
                 active = t < lengths[b0 + r]
                 for j in range(out_size):
                     dhstore[d, t, b0 + r, j] = dh[r, j] if active else zero(dh[r, j])
-            _matmul_ab(dm_proj, dh, w_hr[d], False)
+            dm_proj[:] = 0
+            product_ab(dm_proj, rows, dh, 0, 0, out_size, out_size, pan_hr, d, 0, 1, scratch)
             dm = dm_proj.reshape(units)
         else:
             dm = dh.reshape(units)
@@ -482,14 +421,14 @@ def _backward_rows(
         c_prev = cstate[d, t_prev, lo:hi] if 0 <= t_prev < steps else c0_rows
         if padded:
             dc_carry[:] = dc
+        base = d * 4 * gate_stride + t * xp.shape[3] + lo  # xp[d, 0, t, lo] in xp.flat
         if full:
             dc2 = dc.reshape((rows, hidden))
             _gates_backward_o(ao, dc, dm, c_t)
-            _matmul_ab(dc2, ao.reshape((rows, hidden)), w_ch[d, 3 * hidden :], True)
+            o_base = base + 3 * gate_stride
+            product_ab(dc2, rows, xp, o_base, 0, hidden, hidden, pan_ch, d, 3 * hidden, 1, scratch)
             _gates_backward_ifg(ai, af, ag, dc, c_prev)
-            for g in range(3):
-                block = xp[d, g, t, lo:hi].reshape((rows, hidden))
-                _matmul_ab(dc2, block, w_ch[d, g * hidden : (g + 1) * hidden], True)
+            product_ab(dc2, rows, xp, base, gate_stride, hidden, hidden, pan_ch, d, 0, 3, scratch)
         else:
             _gates_backward(ai, af, ag, ao, dc, dm, c_t, c_prev, p_i, p_f, p_o)
         if padded:
@@ -500,11 +439,13 @@ def _backward_rows(
                             xp[d, g, t, (b0 + r) * hidden + j] = 0
                     for j in range(hidden):
                         dc[r * hidden + j] = dc_carry[r * hidden + j]
-        if small:
-            _small_recurrent_grad(dh_next, xp, d, t, lo, hidden, w_hh_t, row_grad)
-        else:  # gather the four gate blocks, then one GEMM
+        if gemv:  # gather the four gate blocks, then one BLAS call
             _gather_gates(step_grad, xp, d, t, lo, hidden)
-            gemm_ab(dh_next, step_grad, w_hh_d, 0.0)
+            gemm_ab(dh_next, step_grad, w_hh[d], 0.0)
+        else:
+            dh_next[:] = 0
+            product_ab(dh_next, rows, xp, base, gate_stride, hidden, hidden,
+                       pan_hh, d, 0, 4, scratch)  # fmt: skip
         if padded:
             for r in range(rows):
                 if t >= lengths[b0 + r]:  # the state was carried through a padded step
@@ -519,38 +460,25 @@ def _backward_rows(
 
 
 @jit
-def project_inputs(xp, x, w_ih, bias):
-    """xp[d, g] = x W_ih[d, g]^T + bias[d, g] for every direction and gate: the input part
-    of every step at once. x (T*B, I); bias (D, G); BLAS may use its own threads here.
+def project_inputs(xp, x, w_ih, bias, first, end):
+    """xp[d, g, t] = x_t W_ih[d, g]^T + bias[d, g] for steps first..end-1, every direction
+    and gate: the input part of those steps at once, for loops that do not project their
+    own inputs. x (T*B, I); bias (D, G); BLAS may use its own threads here.
 
-    Large sizes: one wide GEMM (rows x 4H) per block of steps into a scratch, then one pass
-    that adds the bias and spreads the columns to the gate-major blocks (four GEMMs of
-    width H each would run far below the BLAS's speed).
+    One wide GEMM (rows x 4H) per block of steps into a scratch, then one pass that adds
+    the bias and spreads the columns to the gate-major blocks (four GEMMs of width H each
+    would run far below the BLAS's speed).
     """
     directions, _, steps, _ = xp.shape
     rows, width = x.shape
     batch = rows // steps
     hidden = w_ih.shape[1] // 4
     gates = 4 * hidden
-    small = width * gates <= SMALL_ROW_MACS
-    block_steps = max(1, min(steps, PROJECTION_BLOCK_ROWS // batch))
-    scratch = np.empty((0 if small else block_steps * batch, gates), dtype=xp.dtype)
-    row_sum = np.empty(gates, dtype=xp.dtype)
+    block_steps = max(1, min(end - first, PROJECTION_BLOCK_ROWS // batch))
+    scratch = np.empty((block_steps * batch, gates), dtype=xp.dtype)
     for d in range(directions):
-        if small:
-            for g in range(4):
-                block = xp[d, g].reshape(rows * hidden)
-                for r in range(rows):
-                    for j in range(hidden):
-                        block[r * hidden + j] = bias[d, g * hidden + j]
-            w_t = _transpose(w_ih[d])
-            for t in range(steps):
-                _small_product_into_gates(
-                    xp, d, t, 0, hidden, x[t * batch : (t + 1) * batch], w_t, 0, 4, row_sum
-                )
-            continue
-        for t0 in range(0, steps, block_steps):
-            t1 = min(steps, t0 + block_steps)
+        for t0 in range(first, end, block_steps):
+            t1 = min(end, t0 + block_steps)
             part = scratch[: (t1 - t0) * batch]
             gemm_abt(part, x[t0 * batch : t1 * batch], w_ih[d], 0.0)
             for g in range(4):
@@ -564,28 +492,34 @@ def project_inputs(xp, x, w_ih, bias):
 @jit
 def layer_forward_rows(
     out, h_n, c_n, xp, hprev, cstate, mstore,
-    h0, c0, w_hh, w_hr, peep, w_ch, lengths, d, b0, b1, training,
+    h0, c0, x, bias, w_hh, packed, w_hr, peep, w_ch, lengths, d, b0, b1, training,
 ):  # fmt: skip
     """Direction d of one layer for batch rows b0..b1, all steps: the forward kernel.
+
+    ``packed``: the panels of W_ih, W_hh, W_hr, W_ch[i, f, g] and W_ch[o] (pack_columns;
+    empty when absent). With W_ih's panels the kernel projects x (T*B, I) itself, adding
+    ``bias`` (D, 4H); with none, xp must already hold the projection.
 
     Calls for different directions (or rows) share nothing but disjoint rows and columns of
     the outputs, so the engine may run them on separate threads (kernels release the GIL).
     """
     _forward_rows(
         out, h_n, c_n, xp, hprev, cstate, mstore,
-        h0, c0, w_hh, w_hr, peep, w_ch, lengths, d, b0, b1, training,
+        h0, c0, x, bias, w_hh, packed, w_hr, peep, w_ch, lengths, d, b0, b1, training,
     )  # fmt: skip
 
 
 @jit
 def layer_backward_rows(
     xp, dh0, dc0, dhstore, dout, dh_n, dc_n, cstate, c0,
-    w_hh, w_hr, peep, w_ch, lengths, d, b0, b1,
+    w_hh, packed, w_hr, peep, w_ch, lengths, d, b0, b1,
 ):  # fmt: skip
-    """Direction d of one layer backward for batch rows b0..b1: the backward kernel."""
+    """Direction d of one layer backward for batch rows b0..b1: the backward kernel.
+
+    ``packed``: the panels of W_hh, W_hr and W_ch (pack_rows; empty when absent)."""
     _backward_rows(
         xp, dh0, dc0, dhstore, dout, dh_n, dc_n, cstate, c0,
-        w_hh, w_hr, peep, w_ch, lengths, d, b0, b1,
+        w_hh, packed, w_hr, peep, w_ch, lengths, d, b0, b1,
     )  # fmt: skip
 
 
@@ -631,12 +565,17 @@ def _dense_gradients_small(dx, gw_ih, gw_hh, gbias, xp, x, hprev, w_ih, d):
 @jit
 def weight_gradients(
     dx, gw_ih, gw_hh, gbias, gw_hr, gpeep, gw_ch,
-    xp, x, hprev, cstate, c0, mstore, dhstore, w_ih,
+    xp, x, hprev, cstate, c0, mstore, dhstore, w_ih, part, parts,
 ):  # fmt: skip
     """After the backward loop: every weight gradient as large products over all steps.
 
     Adds into the gradient arrays (gbias (D, G) collects the one bias gradient every bias
     shares); overwrites dx (T*B, I) with dL/dx. xp holds dL/da in the gate-major layout.
+
+    Calls with part = 0..parts-1 (on separate threads) share the work without sharing an
+    output: part k takes the (direction, gate) bands d*4 + g = k mod parts of dW_ih, dW_hh
+    and the bias, and the k-th block of dx's rows (every gate, in the same order as one
+    call); the rarer gradients (W_hr, peepholes) and tiny sizes go to part 0.
     """
     directions, _, steps, _ = xp.shape
     hidden = w_ih.shape[1] // 4
@@ -644,20 +583,27 @@ def weight_gradients(
     batch = rows // steps
     out_size = hprev.shape[3]
     small = 4 * hidden * (width + out_size) <= SMALL_ROW_MACS
+    r0 = rows * part // parts
+    r1 = rows * (part + 1) // parts
     for d in range(directions):
         if small:
-            _dense_gradients_small(dx, gw_ih, gw_hh, gbias, xp, x, hprev, w_ih, d)
+            if part == 0:
+                _dense_gradients_small(dx, gw_ih, gw_hh, gbias, xp, x, hprev, w_ih, d)
         else:
             h_rows = hprev[d].reshape((rows, out_size))
             for g in range(4):
                 da = xp[d, g].reshape((rows, hidden))
                 band = slice(g * hidden, (g + 1) * hidden)
-                gemm_atb(gw_ih[d, band], da, x, 1.0)  # dW_ih = sum_t da_t^T x_t
-                gemm_atb(gw_hh[d, band], da, h_rows, 1.0)  # dW_hh = sum_t da_t^T h_{t-1}
-                gemm_ab(dx, da, w_ih[d, band], 1.0 if d > 0 or g > 0 else 0.0)  # dx = da W_ih
-                for r in range(rows):
-                    for j in range(hidden):
-                        gbias[d, g * hidden + j] += da[r, j]
+                if (d * 4 + g) % parts == part:
+                    gemm_atb(gw_ih[d, band], da, x, 1.0)  # dW_ih = sum_t da_t^T x_t
+                    gemm_atb(gw_hh[d, band], da, h_rows, 1.0)  # dW_hh = sum_t da_t^T h_{t-1}
+                    for r in range(rows):
+                        for j in range(hidden):
+                            gbias[d, g * hidden + j] += da[r, j]
+                beta = 1.0 if d > 0 or g > 0 else 0.0
+                gemm_ab(dx[r0:r1], da[r0:r1], w_ih[d, band], beta)  # dx = da W_ih
+        if part != 0:
+            continue
         if gw_hr.shape[1] > 0:  # dW_hr = sum_t dh_t^T m_t
             _matmul_atb(gw_hr[d], dhstore[d].reshape((rows, out_size)),
                         mstore[d].reshape((rows, hidden)))  # fmt: skip
@@ -688,11 +634,25 @@ def weight_gradients(
 
 
 @jit
-def recurrent_products_only(step_sum, h, w_hh, steps):
-    """The forward time loop's recurrent products alone (for the profiler's phase split).
+def recurrent_products_only(xp, x, h, w_hh, packed_ih, packed_hh, gemv, steps):
+    """The forward time loop's matrix products alone (for the profiler's phase split).
 
-    step_sum (B, 4H) = h (B, P) @ w_hh (4H, P)^T, ``steps`` times: the BLAS call one
-    direction's time loop makes per step at sizes above the hand-written path.
+    ``steps`` times, what one task of the loop does per step: xp (1, 4, 1, rows*H) +=
+    x (rows, I) W_ih^T when ``packed_ih`` holds W_ih's panels (the loop projects its
+    inputs itself), then += h (rows, P) W_hh^T through the packed micro-kernel
+    (``packed_hh`` from pack_columns), or through the BLAS's gemv when ``gemv`` (batch of
+    one; w_hh (1, 4H, P)).
     """
+    rows = h.shape[0]
+    hidden = xp.shape[3] // rows
+    step_sum = np.empty((rows, 4 * hidden), dtype=xp.dtype)
+    scratch = np.empty(2 * ROWS * 32 // xp.itemsize, dtype=xp.dtype)
+    stride = rows * hidden
     for _ in range(steps):
-        gemm_abt(step_sum, h, w_hh, 0.0)
+        if packed_ih.shape[1] > 0:
+            product_abt(xp, 0, stride, hidden, hidden, rows, x, 0, packed_ih, 0, 4, scratch)
+        if gemv:
+            gemm_abt(step_sum, h, w_hh[0], 0.0)
+            _add_into_gates(xp, 0, 0, 0, hidden, step_sum)
+        else:
+            product_abt(xp, 0, stride, hidden, hidden, rows, h, 0, packed_hh, 0, 4, scratch)

@@ -1,19 +1,20 @@
 """Where fastlstm's time goes, phase by phase: the engine of ``fastlstm profile``.
 
 The phases are the engine's own (:mod:`fastlstm._engine`, its ``timings`` argument):
-``input_gemm`` (x W_ih^T for every step at once), ``time_loop`` (the kernel: recurrent
-products and gate math), ``dropout`` (masks between layers, training only),
-``backward_time_loop`` and ``weight_gradients`` (the GEMMs over every step: dW_ih, dW_hh,
-dx). Each is averaged over the repeats; "other" is what the engine spends outside them
-(allocation, weight preparation) and "API" what the public call adds (validation, copies).
+``input_gemm`` (x W_ih^T for every step at once, when the loop does not project each
+step's inputs itself), ``pack_weights`` (weights into the micro-kernel's panels, once per
+layer call, forward and backward), ``time_loop`` (the kernel: matrix products and gate
+math), ``dropout`` (masks between layers, training only), ``backward_time_loop`` and
+``weight_gradients`` (the GEMMs over every step: dW_ih, dW_hh, dx). Each is averaged over
+the repeats; "other" is what the engine spends outside them (allocation) and "API" what
+the public call adds (validation, copies).
 
-The forward time loop is split further by timing
-``_kernels.recurrent_products_only(step_sum, h, w_hh, steps)`` alone with the same sizes,
-dtype and threading as the loop, following the engine's own plan (``_engine._plan``: the
-same tasks on its thread pool, or serially; BLAS held to one thread or not): gate math is
-then estimated as ``time_loop - recurrent products``. It is an estimate: inside the loop
-the two compete for the same caches, and at sizes where the loop uses its hand-written
-row products instead of BLAS, the split says so.
+The forward time loop is split further by timing its products alone
+(``_kernels.recurrent_products_only``) with the same sizes, dtype and threading as the
+loop, following the engine's own plan (``_engine._plan``: the same tasks on its thread
+pool, or serially; BLAS held to one thread or not): gate math is then estimated as
+``time_loop - matrix products``. It is an estimate: inside the loop the two compete for
+the same caches.
 
 The first calls in the process are timed apart (Numba compiles, or loads from its cache,
 each kernel then), with Numba's own count of cache hits and misses.
@@ -31,18 +32,18 @@ import numba
 import numpy as np
 
 import fastlstm as fl
-from fastlstm import _activations, _blas, _config, _engine, _kernels
+from fastlstm import _activations, _blas, _config, _engine, _kernels, _packed
 from fastlstm._threads import blas_single_threaded, run_tasks
 from fastlstm.bench import DEFAULT_THREADS, Shape, machine_info, threads
 
-FORWARD_PHASES = ("input_gemm", "time_loop", "dropout")
+FORWARD_PHASES = ("input_gemm", "pack_weights", "time_loop", "dropout")
 BACKWARD_PHASES = ("backward_time_loop", "weight_gradients")
 PHASES = FORWARD_PHASES + BACKWARD_PHASES
 
 
 def _dispatchers() -> list:
     found = []
-    for module in (_kernels, _blas, _activations):
+    for module in (_kernels, _packed, _blas, _activations):
         for value in vars(module).values():
             if isinstance(value, numba.core.registry.CPUDispatcher) and value not in found:
                 found.append(value)
@@ -75,11 +76,13 @@ def _first_call(call) -> dict[str, Any]:
 
 
 def phase_flops(
-    shape: Shape, *, layers: int = 1, directions: int = 1, proj_size: int = 0
+    shape: Shape, *, layers: int = 1, directions: int = 1, proj_size: int = 0, fused: bool = False
 ) -> dict[str, float]:
     """Floating-point operations of each phase's matrix products, summed over layers.
 
-    The time loop counts its recurrent products (and projection) only, not the gate math.
+    The time loop counts its recurrent products (and projection) only, not the gate math;
+    and the input projection too when it is ``fused`` into the loop (then input_gemm has
+    none).
     """
     rows = shape.batch * shape.seq
     gates = 4 * shape.hidden
@@ -88,7 +91,7 @@ def phase_flops(
     counts = dict.fromkeys(PHASES, 0.0)
     width = shape.input
     for _ in range(layers):
-        counts["input_gemm"] += 2.0 * rows * directions * gates * width
+        counts["time_loop" if fused else "input_gemm"] += 2.0 * rows * directions * gates * width
         counts["time_loop"] += 2.0 * rows * directions * gates * out + proj
         counts["backward_time_loop"] += 2.0 * rows * directions * gates * out + proj
         # dW_ih and dx over every step, dW_hh (and dW_hr) per direction
@@ -98,19 +101,24 @@ def phase_flops(
 
 
 def _recurrent_tasks(lstm: fl.LSTM, shape: Shape, plan: list, rng) -> list[list[tuple]]:
-    """Per layer, the (step_sum, h, w_hh, steps) argument sets of its recurrent products,
-    one per task of the engine's plan (direction, first row, end row)."""
+    """Per layer, the argument sets of ``recurrent_products_only``, one per task of the
+    engine's plan (direction, first row, end row)."""
     dtype = lstm.dtype
     out = lstm.proj_size or lstm.hidden_size
-    spans = plan
     layers = []
     for layer in lstm._layers:
         tasks = []
-        for d, first, end in spans:
-            w_hh = np.ascontiguousarray(layer.w_hh[d])
-            h = (0.5 * rng.standard_normal((end - first, out))).astype(dtype)
-            step_sum = np.zeros((end - first, 4 * lstm.hidden_size), dtype)
-            tasks.append((step_sum, h, w_hh, shape.seq))
+        fused = _engine.fuses_input_projection(shape.batch, layer.w_ih, layer.w_hh)
+        for d, first, end in plan:
+            w_ih = np.ascontiguousarray(layer.w_ih[d : d + 1])
+            w_hh = np.ascontiguousarray(layer.w_hh[d : d + 1])
+            packed_ih = _packed.pack_columns(w_ih, 4 if fused else 0)
+            packed_hh = _packed.pack_columns(w_hh, 4)
+            rows = end - first
+            x = (0.5 * rng.standard_normal((rows, w_ih.shape[2]))).astype(dtype)
+            h = (0.5 * rng.standard_normal((rows, out))).astype(dtype)
+            xp = np.zeros((1, 4, 1, rows * lstm.hidden_size), dtype)
+            tasks.append((xp, x, h, w_hh, packed_ih, packed_hh, shape.batch == 1, shape.seq))
         layers.append(tasks)
     return layers
 
@@ -250,7 +258,8 @@ def profile(
         machine = machine_info()
         machine["fastlstm_threads"] = fl.get_num_threads()
 
-    work = phase_flops(shape, layers=layers, directions=directions)
+    fused = _engine.fuses_input_projection(shape.batch, lstm._layers[0].w_ih, lstm._layers[0].w_hh)
+    work = phase_flops(shape, layers=layers, directions=directions, fused=fused)
     return {
         "config": {
             "shape": asdict(shape),
@@ -275,7 +284,8 @@ def profile(
             "blas_single": bool(blas_single),
             "directions": directions,
             "macs": shape.seq * shape.batch * directions * gates * out_size,
-            "hand_written_products": out_size * gates <= _config.SMALL_ROW_MACS,
+            "recurrent_kernel": "BLAS gemv" if shape.batch == 1 else "packed micro-kernel",
+            "fused_input_projection": fused,
             "numba_parallel_kernels": any(d.targetoptions.get("parallel") for d in _dispatchers()),
         },
         "machine": machine,
@@ -323,14 +333,21 @@ def format_profile(result: dict[str, Any]) -> str:
         return f"  {name:<28}{seconds * 1e3:>10.3f}{share:>9}{rate:>10}  {note}".rstrip()
 
     phases = result["phases_s"]
-    lines.append(line("input_gemm", phases["input_gemm"], flops["input_gemm"]))
+    fused = result["plan"]["fused_input_projection"]
+    if fused:
+        lines.append(line("input_gemm", None, None, "(inside time_loop: fused per step)"))
+    else:
+        lines.append(line("input_gemm", phases["input_gemm"], flops["input_gemm"]))
+    lines.append(
+        line("pack_weights", phases["pack_weights"], None, "W_hh into panels, once per call")
+    )
     lines.append(line("time_loop", phases["time_loop"], flops["time_loop"]))
     lines.append(
         line(
-            "  recurrent products *",
+            "  matrix products *",
             result["recurrent_products_s"],
             flops["time_loop"],
-            "timed alone",
+            "timed alone" + (": x_t W_ih^T and h W_hh^T" if fused else ": h W_hh^T"),
         )
     )
     lines.append(
@@ -338,7 +355,7 @@ def format_profile(result: dict[str, Any]) -> str:
             "  gate math *",
             result["gate_math_estimate_s"],
             None,
-            "= time_loop - recurrent products",
+            "= time_loop - matrix products",
         )
     )
     uses_dropout = config["train"] and layers > 1 and config["dropout"] > 0
@@ -365,17 +382,13 @@ def format_profile(result: dict[str, Any]) -> str:
     )
     lines.append(line("total (public call)", total, work_total))
     lines.append(
-        "  * an estimate: the recurrent products timed alone with _kernels.recurrent_products_only"
+        "  * an estimate: the loop's products timed alone with _kernels.recurrent_products_only"
     )
     lines.append("    (same sizes, dtype and threading as the loop); gate math is the remainder.")
 
     plan = result["plan"]
     machine = result["machine"]
-    if plan["hand_written_products"]:
-        lines.append(
-            "    At this size the loop multiplies by W_hh with hand-written row products, not "
-            "BLAS: the split is rough."
-        )
+    lines.append(f"    Recurrent products at this size: {plan['recurrent_kernel']}.")
     numba_use = (
         "used by fastlstm's parallel kernels"
         if plan["numba_parallel_kernels"]

@@ -18,7 +18,14 @@ from fastlstm import bench, cli, peers
 
 TINY = "B4T3I5H8"
 THREADS = str(min(2, numba.config.NUMBA_NUM_THREADS))
-PHASES = ("input_gemm", "time_loop", "dropout", "backward_time_loop", "weight_gradients")
+PHASES = (
+    "input_gemm",
+    "pack_weights",
+    "time_loop",
+    "dropout",
+    "backward_time_loop",
+    "weight_gradients",
+)
 
 
 def _run(capsys, *argv: str) -> str:
@@ -197,8 +204,13 @@ def test_bench_under_load_and_cold_start(capsys, tmp_path):
 
 @pytest.mark.parametrize(
     "extra",
-    [["--train"], [], ["--train", "--layers", "2", "--bidirectional", "--dropout", "0.3"]],
-    ids=["train", "forward", "train-2-layers-bi-dropout"],
+    [
+        ["--train"],
+        [],
+        ["--train", "--layers", "2", "--bidirectional", "--dropout", "0.3"],
+        ["--batch", "1"],
+    ],
+    ids=["train", "forward", "train-2-layers-bi-dropout", "forward-one-row"],
 )
 def test_profile_prints_every_phase_and_the_thread_config(capsys, tmp_path, extra):
     json_path = tmp_path / "profile.json"
@@ -224,7 +236,7 @@ def test_profile_prints_every_phase_and_the_thread_config(capsys, tmp_path, extr
     for phase in PHASES:
         assert phase in text
     for label in (
-        "recurrent products",
+        "matrix products",
         "gate math",
         "estimate",
         "first forward",
@@ -238,7 +250,11 @@ def test_profile_prints_every_phase_and_the_thread_config(capsys, tmp_path, extr
     assert ("first backward" in text) == ("--train" in extra)
     result = json.loads(json_path.read_text())
     phases = result["phases_s"]
-    assert _positive(phases["input_gemm"]) and _positive(phases["time_loop"])
+    # One row: a GEMM over every step first; more: each step's projection inside the loop.
+    fused = result["plan"]["fused_input_projection"]
+    assert fused == ("--batch" not in extra)
+    assert _positive(phases["input_gemm"]) != fused and _positive(phases["time_loop"])
+    assert ("inside time_loop" in text) == fused
     if "--train" in extra:
         assert _positive(phases["backward_time_loop"]) and _positive(phases["weight_gradients"])
     assert _positive(phases["dropout"]) == ("--dropout" in extra)

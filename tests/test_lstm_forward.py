@@ -14,7 +14,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from utils import assert_close
 
 import fastlstm as fl
-from fastlstm import _engine, _kernels
+from fastlstm import _engine, _packed
 from fastlstm import reference as ref
 
 # torch's own notice when it falls back from oneDNN for proj_size > 0: not ours to report.
@@ -491,9 +491,10 @@ def compare_serial_and_parallel(rng, kernel_calls, model, batch, lengths, *, ulp
     assert kernel_calls["layer_forward_serial"] == kernel_calls["layer_backward_serial"] > 0
     fl.set_num_threads(2)
     parallel = run_forward_backward(model, *args)
-    # Two directions run as one task each; one direction stays on the calling thread (the
-    # engine does not split a direction's batch: every thread would repack all of W_hh).
-    tasks_per_call = model.num_layers if model.bidirectional else 0
+    # Two directions run as one task each; one direction's batch is split into two row
+    # chunks when each has at least one register block of rows, else it stays serial.
+    split = model.bidirectional or batch >= 2 * _packed.ROWS
+    tasks_per_call = model.num_layers if split else 0
     assert kernel_calls["layer_forward_parallel"] == tasks_per_call
     assert kernel_calls["layer_backward_parallel"] == tasks_per_call
     model.eval()  # the inference path of the parallel kernel keeps nothing, same numbers
@@ -520,9 +521,11 @@ def compare_serial_and_parallel(rng, kernel_calls, model, batch, lengths, *, ulp
 
 
 PARALLEL_CASES = {
-    # name: (model options, batch, lengths). One direction: on the calling thread at 2 threads
-    # too; two directions: one task per direction.
+    # name: (model options, batch, lengths). One direction: two row chunks from 12 rows on,
+    # on the calling thread below; two directions: one task per direction.
     "uni-B4": ({}, 4, None),
+    "uni-B13-two-row-chunks": ({}, 13, np.array([5, 0, 3, 5, 1, 2, 4, 5, 5, 1, 0, 3, 2])),
+    "uni-B12-proj-full-peephole": ({"proj_size": P, "peephole": "full"}, 12, None),
     "uni-B5-lengths": ({}, 5, np.array([5, 0, 3, 5, 1])),
     "uni-proj-full-peephole": ({"proj_size": P, "peephole": "full"}, 5, np.array([5, 2, 0, 4, 1])),
     "bi-one-task-per-direction": ({"bidirectional": True}, 4, LENGTHS),
@@ -542,8 +545,8 @@ def test_parallel_kernels_match_serial_forced(
 ):
     """PARALLEL_MIN_MACS = 0 sends even tiny layers to the parallel kernels when 2 threads run.
 
-    At these sizes every product is fastlstm's own row-by-row loop (no BLAS), and a row's
-    arithmetic does not depend on which thread runs it: bit-identical to one thread.
+    A row's arithmetic does not depend on which thread runs it, nor on which rows share its
+    register block: bit-identical to one thread.
     """
     options, batch, lengths = PARALLEL_CASES[case]
     monkeypatch.setattr(_engine, "PARALLEL_MIN_MACS", 0)
@@ -557,7 +560,7 @@ def test_row_chunks_as_tasks_equal_one_pass(rng, restore_threads, dtype, peephol
     """The kernels' row ranges: rows split into uneven tasks on two threads give exactly the
     numbers of one pass over all rows (forward and backward), whatever the chunking."""
     fl.set_num_threads(2)
-    batch, hidden = 7, 40  # 4H x P = 6400 per row: the BLAS path, not the hand-written one
+    batch, hidden = 7, 37  # H = 37, P = 5: partly valid panel vectors (the scratch tile)
     model = fl.LSTM(I, hidden, proj_size=5, peephole=peephole, dtype=dtype, seed=12)
     layer = model._layers[0]
     x = rng.standard_normal((T * batch, I)).astype(dtype)
@@ -568,20 +571,20 @@ def test_row_chunks_as_tasks_equal_one_pass(rng, restore_threads, dtype, peephol
     dout = rng.standard_normal((T, batch, 5)).astype(dtype)
     results = []
     for tasks in ([(0, 0, batch)], [(0, 0, 2), (0, 2, batch)], [(0, 0, 5), (0, 5, 6), (0, 6, 7)]):
-        xp = np.empty((1, 4, T, batch * hidden), dtype)
-        _kernels.project_inputs(xp, x, layer.w_ih, _engine._summed_bias(layer))
+        xp = np.empty((1, 4, T, batch * hidden), dtype)  # the kernel projects x itself
         out = np.empty((T, batch, 5), dtype)
         h_n, c_n = np.empty_like(h0), np.empty_like(c0)
         hprev = np.empty((1, T, batch, 5), dtype)
         cstate = np.empty((1, T, batch * hidden), dtype)
         mstore = np.empty((1, T, batch, hidden), dtype)
-        args = (out, h_n, c_n, xp, hprev, cstate, mstore, h0, c0, layer.w_hh, *optional,
-                lengths, True)  # fmt: skip
+        bias = _engine._summed_bias(layer)
+        args = (out, h_n, c_n, xp, hprev, cstate, mstore, h0, c0, x, bias, layer.w_hh,
+                _engine.forward_panels(layer, True), *optional, lengths, True)  # fmt: skip
         _engine.layer_forward_parallel(args, tasks)
         dh0, dc0 = np.empty_like(h0), np.empty_like(c0)
         dhstore = np.empty((1, T, batch, 5), dtype)
         back = (xp, dh0, dc0, dhstore, dout, np.zeros_like(h0), np.zeros_like(c0), cstate, c0,
-                layer.w_hh, *optional, lengths)  # fmt: skip
+                layer.w_hh, _engine.backward_panels(layer), *optional, lengths)  # fmt: skip
         _engine.layer_backward_parallel(back, tasks)
         results.append([out, h_n, c_n, xp, dh0, dc0, dhstore])
     for other in results[1:]:
@@ -593,13 +596,26 @@ def test_row_chunks_as_tasks_equal_one_pass(rng, restore_threads, dtype, peephol
 def test_parallel_kernels_above_the_natural_threshold(rng, kernel_calls, restore_threads, dtype):
     """T*B*D*4H*P = 5*4*2*640*160 >= 4e6: parallel without any patching, BLAS inside each task.
 
-    Here the weight gradients are BLAS products, run on 1 or 2 BLAS threads, which may split
-    their sums differently: equal within 4 ulp of each array's largest entry (about 1 seen).
+    The weight gradients run as the same BLAS calls on one BLAS thread either way (dx's rows
+    split between the tasks): bit-identical.
     """
     hidden = 160
     model = fl.LSTM(I, hidden, 1, bidirectional=True, dtype=dtype, seed=10)
     assert T * 4 * 2 * 4 * hidden * hidden >= _engine.PARALLEL_MIN_MACS
-    compare_serial_and_parallel(rng, kernel_calls, model, 4, LENGTHS, ulps=4)
+    compare_serial_and_parallel(rng, kernel_calls, model, 4, LENGTHS)
+
+
+@dtypes
+def test_one_direction_split_into_row_chunks_above_the_threshold(
+    rng, kernel_calls, restore_threads, dtype
+):
+    """T*B*4H*P = 5*24*512*128 >= 4e6: one direction's batch as two row chunks on two
+    threads, weight gradients split too: bit-identical to one thread."""
+    hidden, batch = 128, 24
+    model = fl.LSTM(I, hidden, 1, dtype=dtype, seed=13)
+    assert T * batch * 4 * hidden * hidden >= _engine.PARALLEL_MIN_MACS
+    lengths = rng.integers(0, T + 1, batch)
+    compare_serial_and_parallel(rng, kernel_calls, model, batch, lengths)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,322 @@
+"""The recurrent products of the time loops, with W_hh packed once per call.
+
+Every step multiplies the (rows, P) state by the same W_hh. A BLAS call repacks W_hh on
+every step (for 32 x 256 x 1024 in float32, OpenBLAS reaches about half of this
+machine's peak); here W_hh is packed once per layer call into *panels* of two SIMD
+vectors of columns (16 float32 or 8 float64 columns, k-major), and a register-blocked
+micro-kernel multiplies up to 6 rows by one panel: 12 vector accumulators held in
+registers, per k one load per vector of the panel, one broadcast per row and 12 fused
+multiply-adds. It runs at 90-100 GFLOP/s on one core here, the machine's peak.
+
+The micro-kernel is written in LLVM IR through Numba intrinsics, with LLVM vector types:
+loops written in Python keep their accumulators in memory (measured: at most 17 GFLOP/s).
+The IR is generic (no x86 intrinsics); LLVM picks AVX2/FMA instructions on this machine.
+
+Output addressing works for the gate-major layout directly: each of a panel's two
+vectors has its own base offset, so a panel may span two gates (H = 8: one vector per
+gate) and the forward product adds straight into ``xp[d, gate, t]`` with no scratch.
+Columns are grouped per gate into vectors (padded with zero columns at a gate's end);
+a vector that is only partly valid goes through a small scratch tile instead, so no
+write touches a neighbouring row (which another thread may own).
+
+Each row's sums run over k in the same order whatever the row block, so results do not
+depend on how rows are split across threads.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from fastlstm._config import jit
+
+ROWS = 6  # rows of the register block (6 x 2 accumulators + 2 panel vectors + 1 broadcast)
+_VECTOR_BYTES = 32  # one AVX2 register
+
+
+def _make_tile(rows: int, vectors: int):
+    """An intrinsic: C[r, vector v] += sum_k A[r, k] B[k, vector v] for r < rows.
+
+    Arguments (offsets and strides in elements of the arrays' own dtype):
+    ``tile(c, c_off0, c_off1, ldc, a, a_off, lda, b, b_off, ldb, kc)``; row r of vector v of
+    C starts at c_off_v + r ldc, A[r, k] is at a_off + r lda + k, B[k] (a panel row of
+    ``vectors`` SIMD vectors) at b_off + k ldb. Arrays must be C-contiguous.
+    """
+
+    @intrinsic
+    def tile(typingctx, c, c_off0, c_off1, ldc, a, a_off, lda, b, b_off, ldb, kc):
+        if not (c.dtype == a.dtype == b.dtype and c.dtype in (types.float32, types.float64)):
+            return None
+        index = types.intp
+        signature = types.void(c, index, index, index, a, index, index, b, index, index, index)
+
+        def codegen(context, builder, sig, args):
+            c_arr, c_off0, c_off1, ldc, a_arr, a_off, lda, b_arr, b_off, ldb, kc = args
+            is64 = sig.args[0].dtype == types.float64
+            scalar = ir.DoubleType() if is64 else ir.FloatType()
+            lanes = _VECTOR_BYTES // (8 if is64 else 4)
+            vector = ir.VectorType(scalar, lanes)
+            align = 8 if is64 else 4
+            i64 = ir.IntType(64)
+            fma = cgutils.get_or_insert_function(
+                builder.module,
+                ir.FunctionType(vector, [vector] * 3),
+                f"llvm.fma.v{lanes}f{64 if is64 else 32}",
+            )
+
+            def data(array_type, value):
+                return context.make_array(array_type)(context, builder, value).data
+
+            c_ptr, a_ptr, b_ptr = (
+                data(sig.args[0], c_arr),
+                data(sig.args[4], a_arr),
+                data(sig.args[7], b_arr),
+            )
+
+            def const(value):
+                return ir.Constant(i64, value)
+
+            a_rows = [builder.gep(a_ptr, [builder.add(a_off, builder.mul(lda, const(r)))])
+                      for r in range(rows)]  # fmt: skip
+            b_base = builder.gep(b_ptr, [b_off])
+            zero = ir.Constant(vector, [0.0] * lanes)
+            undef = ir.Constant(vector, ir.Undefined)
+            splat_mask = ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes)
+            entry = builder.block
+            loop = builder.append_basic_block("tile.loop")
+            done = builder.append_basic_block("tile.done")
+            builder.cbranch(builder.icmp_signed(">", kc, const(0)), loop, done)
+
+            builder.position_at_end(loop)
+            k = builder.phi(i64)
+            acc = [[builder.phi(vector) for _ in range(vectors)] for _ in range(rows)]
+            b_row = builder.gep(b_base, [builder.mul(k, ldb)])
+            panel = [
+                builder.load(
+                    builder.bitcast(builder.gep(b_row, [const(v * lanes)]), vector.as_pointer()),
+                    align=align,
+                )
+                for v in range(vectors)
+            ]
+            summed = []
+            for r in range(rows):
+                value = builder.load(builder.gep(a_rows[r], [k]))
+                splat = builder.shuffle_vector(
+                    builder.insert_element(undef, value, ir.Constant(ir.IntType(32), 0)),
+                    undef,
+                    splat_mask,
+                )
+                summed.append([builder.call(fma, [splat, panel[v], acc[r][v]])
+                               for v in range(vectors)])  # fmt: skip
+            k_next = builder.add(k, const(1))
+            k.add_incoming(const(0), entry)
+            k.add_incoming(k_next, loop)
+            for r in range(rows):
+                for v in range(vectors):
+                    acc[r][v].add_incoming(zero, entry)
+                    acc[r][v].add_incoming(summed[r][v], loop)
+            builder.cbranch(builder.icmp_signed("<", k_next, kc), loop, done)
+
+            builder.position_at_end(done)
+            offsets = (c_off0, c_off1)
+            totals = [[builder.phi(vector) for _ in range(vectors)] for _ in range(rows)]
+            for r in range(rows):  # every phi first: LLVM wants them at the block's top
+                for v in range(vectors):
+                    totals[r][v].add_incoming(zero, entry)
+                    totals[r][v].add_incoming(summed[r][v], loop)
+            for r in range(rows):
+                for v in range(vectors):
+                    total = totals[r][v]
+                    where = builder.add(offsets[v], builder.mul(ldc, const(r)))
+                    pointer = builder.bitcast(builder.gep(c_ptr, [where]), vector.as_pointer())
+                    previous = builder.load(pointer, align=align)
+                    builder.store(builder.fadd(previous, total), pointer, align=align)
+            return context.get_dummy_value()
+
+        return signature, codegen
+
+    return tile
+
+
+_t1a, _t2a, _t3a, _t4a, _t5a, _t6a = (_make_tile(rows, 1) for rows in range(1, ROWS + 1))
+_t1b, _t2b, _t3b, _t4b, _t5b, _t6b = (_make_tile(rows, 2) for rows in range(1, ROWS + 1))
+
+
+@jit
+def tile(c, c_off0, c_off1, ldc, a, a_off, lda, b, b_off, ldb, kc, rows, vectors):
+    """C[r, v] += A[r, :kc] B[:kc, v] for r < rows (at most ROWS) and vectors 1 or 2."""
+    if vectors == 2:
+        if rows == 6:
+            _t6b(c, c_off0, c_off1, ldc, a, a_off, lda, b, b_off, ldb, kc)
+        elif rows == 5:
+            _t5b(c, c_off0, c_off1, ldc, a, a_off, lda, b, b_off, ldb, kc)
+        elif rows == 4:
+            _t4b(c, c_off0, c_off1, ldc, a, a_off, lda, b, b_off, ldb, kc)
+        elif rows == 3:
+            _t3b(c, c_off0, c_off1, ldc, a, a_off, lda, b, b_off, ldb, kc)
+        elif rows == 2:
+            _t2b(c, c_off0, c_off1, ldc, a, a_off, lda, b, b_off, ldb, kc)
+        elif rows == 1:
+            _t1b(c, c_off0, c_off1, ldc, a, a_off, lda, b, b_off, ldb, kc)
+    elif rows == 6:
+        _t6a(c, c_off0, c_off1, ldc, a, a_off, lda, b, b_off, ldb, kc)
+    elif rows == 5:
+        _t5a(c, c_off0, c_off1, ldc, a, a_off, lda, b, b_off, ldb, kc)
+    elif rows == 4:
+        _t4a(c, c_off0, c_off1, ldc, a, a_off, lda, b, b_off, ldb, kc)
+    elif rows == 3:
+        _t3a(c, c_off0, c_off1, ldc, a, a_off, lda, b, b_off, ldb, kc)
+    elif rows == 2:
+        _t2a(c, c_off0, c_off1, ldc, a, a_off, lda, b, b_off, ldb, kc)
+    elif rows == 1:
+        _t1a(c, c_off0, c_off1, ldc, a, a_off, lda, b, b_off, ldb, kc)
+
+
+@jit
+def lanes_of(array):
+    """Columns per SIMD vector for the array's dtype (8 float32 or 4 float64)."""
+    return _VECTOR_BYTES // array.itemsize
+
+
+# ------------------------------------------------------------------------------ packing
+
+
+@jit
+def pack_columns(w, blocks):
+    """W (D, blocks*N, K) as panels (D, panels, K, 2 lanes) for products x W^T.
+
+    The N output columns of each block (a gate) are grouped into vectors of ``lanes``
+    (per_block = ceil(N / lanes) vectors per block, the last one zero-padded); vector q
+    holds block q // per_block, columns (q % per_block) * lanes onward; panel p holds
+    vectors 2p and 2p + 1, its row k being W[., column, k]. Empty W gives empty panels.
+    """
+    directions, total, inner = w.shape
+    width = total // blocks if blocks > 0 else 0
+    lanes = lanes_of(w)
+    per_block = (width + lanes - 1) // lanes
+    count = blocks * per_block
+    panels = (count + 1) // 2
+    packed = np.zeros((directions, panels, inner, 2 * lanes), dtype=w.dtype)
+    for d in range(directions):
+        for q in range(count):
+            block = q // per_block
+            col0 = (q - block * per_block) * lanes
+            half = (q % 2) * lanes
+            for j in range(min(lanes, width - col0)):
+                row = block * width + col0 + j
+                for k in range(inner):
+                    packed[d, q // 2, k, half + j] = w[d, row, k]
+    return packed
+
+
+@jit
+def pack_rows(w):
+    """W (D, K, N) as panels (D, panels, K, 2 lanes) for products x W: vectors over N."""
+    directions, inner, width = w.shape
+    lanes = lanes_of(w)
+    count = (width + lanes - 1) // lanes
+    panels = (count + 1) // 2
+    packed = np.zeros((directions, panels, inner, 2 * lanes), dtype=w.dtype)
+    for d in range(directions):
+        for k in range(inner):
+            for col in range(width):
+                q = col // lanes
+                packed[d, q // 2, k, (q % 2) * lanes + col - q * lanes] = w[d, k, col]
+    return packed
+
+
+# ----------------------------------------------------------------------------- products
+
+
+@jit
+def product_abt(c, c_base, c_block_stride, ldc, width, rows, a, a_base, packed, d, blocks, scratch):
+    """C += A W_d^T with W packed by :func:`pack_columns` (``blocks`` blocks of ``width``).
+
+    A's row r is a.flat[a_base + r K : a_base + (r + 1) K] (K = the panels' depth).
+    Output block g's row r, column u is
+    c.flat[c_base + g c_block_stride + r ldc + u]: the gate-major layout of the time loops
+    (blocks are gates) or a plain row-major array (one block). scratch (ROWS * 2 lanes,).
+    """
+    inner = packed.shape[2]
+    lanes = lanes_of(a)
+    panel_width = 2 * lanes
+    per_block = (width + lanes - 1) // lanes
+    count = blocks * per_block
+    panels = packed.shape[1]
+    for p in range(panels):
+        q0 = 2 * p
+        block0 = q0 // per_block
+        col0 = (q0 - block0 * per_block) * lanes
+        off0 = c_base + block0 * c_block_stride + col0
+        valid0 = min(lanes, width - col0)
+        vectors = 2 if q0 + 1 < count else 1
+        off1 = off0
+        valid1 = lanes
+        if vectors == 2:
+            block1 = (q0 + 1) // per_block
+            col1 = (q0 + 1 - block1 * per_block) * lanes
+            off1 = c_base + block1 * c_block_stride + col1
+            valid1 = min(lanes, width - col1)
+        b_off = (d * panels + p) * inner * panel_width
+        if valid0 == lanes and valid1 == lanes:
+            for r0 in range(0, rows, ROWS):
+                shift = r0 * ldc
+                tile(c, off0 + shift, off1 + shift, ldc, a, a_base + r0 * inner, inner,
+                     packed, b_off, panel_width, inner, min(ROWS, rows - r0), vectors)  # fmt: skip
+            continue
+        flat = c.reshape(c.size)
+        for r0 in range(0, rows, ROWS):  # a part-valid vector: through the scratch tile
+            block = min(ROWS, rows - r0)
+            scratch[: block * panel_width] = 0
+            tile(scratch, 0, lanes, panel_width, a, a_base + r0 * inner, inner,
+                 packed, b_off, panel_width, inner, block, vectors)  # fmt: skip
+            for r in range(block):
+                shift = (r0 + r) * ldc
+                for j in range(valid0):
+                    flat[off0 + shift + j] += scratch[r * panel_width + j]
+                if vectors == 2:
+                    for j in range(valid1):
+                        flat[off1 + shift + j] += scratch[r * panel_width + lanes + j]
+
+
+@jit
+def product_ab(c, rows, a, a_base, a_block_stride, lda, kc, packed, d, k_first, blocks, scratch):
+    """C += sum over blocks g of A_g W_d[k_first + g kc : ..., :] with W packed by
+    :func:`pack_rows`.
+
+    C (rows, N) C-contiguous. A_g's row r, column u is a.flat[a_base + g a_block_stride +
+    r lda + u] (u < kc): the gate-major dL/da of the time loops, block by block.
+    """
+    width = c.shape[1]
+    lanes = lanes_of(c)
+    panel_width = 2 * lanes
+    count = (width + lanes - 1) // lanes
+    panels = packed.shape[1]
+    inner = packed.shape[2]
+    for p in range(panels):
+        col0 = 2 * p * lanes
+        vectors = 2 if 2 * p + 1 < count else 1
+        panel = (d * panels + p) * inner * panel_width
+        if col0 + vectors * lanes <= width:
+            for g in range(blocks):
+                a_off = a_base + g * a_block_stride
+                b_off = panel + (k_first + g * kc) * panel_width
+                for r0 in range(0, rows, ROWS):
+                    c_off = r0 * width + col0
+                    tile(c, c_off, c_off + lanes, width, a, a_off + r0 * lda, lda,
+                         packed, b_off, panel_width, kc, min(ROWS, rows - r0), vectors)  # fmt: skip
+            continue
+        for r0 in range(0, rows, ROWS):  # a part-valid vector: through the scratch tile
+            block = min(ROWS, rows - r0)
+            scratch[: block * panel_width] = 0
+            for g in range(blocks):
+                a_off = a_base + g * a_block_stride + r0 * lda
+                b_off = panel + (k_first + g * kc) * panel_width
+                tile(scratch, 0, lanes, panel_width, a, a_off, lda,
+                     packed, b_off, panel_width, kc, block, vectors)  # fmt: skip
+            for r in range(block):
+                for j in range(min(panel_width, width - col0)):
+                    c[r0 + r, col0 + j] += scratch[r * panel_width + j]

@@ -112,14 +112,14 @@ def _project_inputs(xp, inputs, w_ih, bias, in_parallel: bool) -> None:
         )
 
 
-def forward_panels(layer: LayerArrays, fused: bool) -> tuple[np.ndarray, ...]:
+def forward_panels(layer: LayerArrays, fused: bool, batch: int) -> tuple[np.ndarray, ...]:
     """The forward loop's weights packed for the micro-kernel, once per layer call:
-    (W_ih if ``fused``, W_hh, W_hr, W_ch[i, f, g], W_ch[o]) as ``x W^T`` panels (empty
-    arrays when absent)."""
+    (W_ih if ``fused``, W_hh unless the batch is one row (the loop's gemv reads W_hh
+    itself), W_hr, W_ch[i, f, g], W_ch[o]) as ``x W^T`` panels (empty arrays when absent)."""
     dtype = layer.w_hh.dtype
     hidden = layer.w_hh.shape[1] // 4
     w_ih = _packed.pack_columns(layer.w_ih, 4) if fused else _empty(dtype, 4)
-    w_hh = _packed.pack_columns(layer.w_hh, 4)
+    w_hh = _packed.pack_columns(layer.w_hh, 4) if batch > 1 else _empty(dtype, 4)
     w_hr = _packed.pack_columns(layer.w_hr, 1) if layer.w_hr is not None else _empty(dtype, 4)
     if layer.w_ch is None:
         return w_ih, w_hh, w_hr, _empty(dtype, 4), _empty(dtype, 4)
@@ -128,13 +128,15 @@ def forward_panels(layer: LayerArrays, fused: bool) -> tuple[np.ndarray, ...]:
     return w_ih, w_hh, w_hr, _packed.pack_columns(ifg, 3), _packed.pack_columns(o, 1)
 
 
-def backward_panels(layer: LayerArrays) -> tuple[np.ndarray, ...]:
+def backward_panels(layer: LayerArrays, batch: int) -> tuple[np.ndarray, ...]:
     """The backward loop's weights packed for the micro-kernel, once per layer call:
-    (W_hh, W_hr, W_ch) as ``x W`` panels (empty arrays when absent)."""
+    (W_hh unless the batch is one row, W_hr, W_ch) as ``x W`` panels (empty arrays when
+    absent)."""
     dtype = layer.w_hh.dtype
+    w_hh = layer.w_hh if batch > 1 else None
     return tuple(
         _packed.pack_rows(w) if w is not None else _empty(dtype, 4)
-        for w in (layer.w_hh, layer.w_hr, layer.w_ch)
+        for w in (w_hh, layer.w_hr, layer.w_ch)
     )
 
 
@@ -237,7 +239,7 @@ def forward(
         else:
             hprev, cstate, mstore = _empty(dtype, 4), _empty(dtype, 3), _empty(dtype, 4)
         rows = slice(k * directions, (k + 1) * directions)
-        packed = _timed(timings, "pack_weights", forward_panels, layer, fused)
+        packed = _timed(timings, "pack_weights", forward_panels, layer, fused, batch)
         args = (
             out, h_n[rows], c_n[rows], xp, hprev, cstate, mstore, h0[rows], c0[rows],
             inputs, bias, layer.w_hh, packed, _optional(layer.w_hr, dtype),
@@ -287,7 +289,7 @@ def backward(
         has_proj = layer.w_hr is not None
         dhstore = np.empty((directions, steps, batch, out_size) if has_proj else (0,) * 4, dtype)
         rows = slice(k * directions, (k + 1) * directions)
-        packed = _timed(timings, "pack_weights", backward_panels, layer)
+        packed = _timed(timings, "pack_weights", backward_panels, layer, batch)
         args = (
             cache.xp, dh0[rows], dc0[rows], dhstore, np.ascontiguousarray(d_layer_out),
             dh_n[rows], dc_n[rows], cache.cstate, cache.c0,

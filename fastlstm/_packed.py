@@ -199,16 +199,20 @@ def pack_columns(w, blocks):
     per_block = (width + lanes - 1) // lanes
     count = blocks * per_block
     panels = (count + 1) // 2
-    packed = np.zeros((directions, panels, inner, 2 * lanes), dtype=w.dtype)
+    panel_width = 2 * lanes
+    packed = np.zeros((directions, panels, inner, panel_width), dtype=w.dtype)
     for d in range(directions):
+        source = w[d]
         for q in range(count):
             block = q // per_block
             col0 = (q - block * per_block) * lanes
+            first = block * width + col0
+            valid = min(lanes, width - col0)
+            target = packed[d, q // 2]
             half = (q % 2) * lanes
-            for j in range(min(lanes, width - col0)):
-                row = block * width + col0 + j
-                for k in range(inner):
-                    packed[d, q // 2, k, half + j] = w[d, row, k]
+            for k in range(inner):  # k outer: each panel row written as one contiguous run
+                for j in range(valid):
+                    target[k, half + j] = source[first + j, k]
     return packed
 
 
@@ -217,14 +221,21 @@ def pack_rows(w):
     """W (D, K, N) as panels (D, panels, K, 2 lanes) for products x W: vectors over N."""
     directions, inner, width = w.shape
     lanes = lanes_of(w)
-    count = (width + lanes - 1) // lanes
-    panels = (count + 1) // 2
-    packed = np.zeros((directions, panels, inner, 2 * lanes), dtype=w.dtype)
+    panel_width = 2 * lanes
+    panels = (width + panel_width - 1) // panel_width
+    packed = np.zeros((directions, panels, inner, panel_width), dtype=w.dtype)
+    rows_per_block = 64  # a block of W's rows is read once, each panel's part written once
     for d in range(directions):
-        for k in range(inner):
-            for col in range(width):
-                q = col // lanes
-                packed[d, q // 2, k, (q % 2) * lanes + col - q * lanes] = w[d, k, col]
+        source = w[d]
+        for k0 in range(0, inner, rows_per_block):
+            k1 = min(inner, k0 + rows_per_block)
+            for p in range(panels):
+                col0 = p * panel_width
+                valid = min(panel_width, width - col0)
+                target = packed[d, p]
+                for k in range(k0, k1):
+                    for j in range(valid):
+                        target[k, j] = source[k, col0 + j]
     return packed
 
 

@@ -223,9 +223,12 @@ def forward(
     for k, layer in enumerate(layers):
         width = layer_in.shape[2]
         inputs = layer_in.reshape(steps * batch, width)
-        xp = np.empty((directions, 4, steps, batch * hidden), dtype)
         bias = _summed_bias(layer)
         fused = fuses_input_projection(batch, layer.w_ih, layer.w_hh)
+        # Training keeps every step's gates for backward; inference with the projection in
+        # the loop needs one step's.
+        slots = steps if training or not fused else 1
+        xp = np.empty((directions, 4, slots, batch * hidden), dtype)
         if not fused:
             _timed(
                 timings, "input_gemm", _project_inputs, xp, inputs, layer.w_ih, bias, in_parallel

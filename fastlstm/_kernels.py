@@ -20,8 +20,9 @@ Conventions: kernels never validate; outputs first, then inputs, then sizes and 
 Arrays are C-contiguous in the model's dtype; optional weights are empty arrays.
 Sizes: T steps, B batch rows, H hidden, P = H_out (projection size or H), G = 4H, D directions.
 
-    xp      (D, 4, T, B*H) forward: input projection + bias in, activated gates out;
-                           backward: overwritten with dL/da
+    xp      (D, 4, T, B*H) forward: input projection + bias in (or made by the loop),
+                           activated gates out; backward: overwritten with dL/da.
+                           Inference with the projection in the loop: (D, 4, 1, B*H)
     out     (T, B, D*P)    layer output (zero at padded steps)
     h0, h_n (D, B, P)      c0, c_n (D, B, H)
     w_ih    (D, G, I)      w_hh (D, G, P)     w_hr (D, P, H) or (D, 0, 0)
@@ -270,7 +271,7 @@ def _forward_rows(
     h0, c0, x, bias, w_hh, packed, w_hr, peep, w_ch, lengths, d, b0, b1, training,
 ):  # fmt: skip
     """Direction d of one layer for batch rows b0..b1, over all steps."""
-    steps = xp.shape[2]
+    steps = out.shape[0]
     hidden = c0.shape[2]
     out_size = h0.shape[2]
     rows = b1 - b0
@@ -300,18 +301,22 @@ def _forward_rows(
     fused = pan_ih.shape[1] > 0
     batch = lengths.shape[0]
     width_in = x.shape[1]
-    gate_stride = steps * xp.shape[3]
+    gate_stride = xp.shape[2] * xp.shape[3]
+    # Inference with the projection fused keeps one step of gates (xp (D, 4, 1, B*H)):
+    # nothing needs them afterwards, and a small block stays in cache.
+    one_slot = xp.shape[2] != steps
     for s in range(steps):
         t = steps - 1 - s if d == 1 else s
+        slot = 0 if one_slot else t  # this step's gates in xp
         m = m_proj if has_proj else h_new
-        ai = xp[d, 0, t, lo:hi]
-        af = xp[d, 1, t, lo:hi]
-        ag = xp[d, 2, t, lo:hi]
-        ao = xp[d, 3, t, lo:hi]
-        base = d * 4 * gate_stride + t * xp.shape[3] + lo  # xp[d, 0, t, lo] in xp.flat
+        ai = xp[d, 0, slot, lo:hi]
+        af = xp[d, 1, slot, lo:hi]
+        ag = xp[d, 2, slot, lo:hi]
+        ao = xp[d, 3, slot, lo:hi]
+        base = d * 4 * gate_stride + slot * xp.shape[3] + lo  # xp[d, 0, slot, lo] in xp.flat
         if fused:  # bias + x_t W_ih^T
             for g in range(4):
-                block = xp[d, g, t]
+                block = xp[d, g, slot]
                 for r in range(rows):
                     for j in range(hidden):
                         block[lo + r * hidden + j] = bias[d, g * hidden + j]
@@ -321,7 +326,7 @@ def _forward_rows(
             )
         if gemv:
             gemm_abt(step_sum, h, w_hh[d], 0.0)
-            _add_into_gates(xp, d, t, lo, hidden, step_sum)
+            _add_into_gates(xp, d, slot, lo, hidden, step_sum)
         else:
             product_abt(xp, base, gate_stride, hidden, hidden, rows, h, 0, pan_hh, d, 4, scratch)
         if full:

@@ -14,7 +14,12 @@ For every shape, mode and peer:
 3. time alternating calls, fastlstm then the peer, ``repeats`` pairs (fewer, but at least
    3, when the peer would need more than ``budget`` seconds: the reference at the large
    shapes), and report the medians. ratio = median(peer) / median(fastlstm of those pairs);
-   above 1 means fastlstm is faster.
+   above 1 means fastlstm is faster. Each timed call starts after a ``pause`` (0.1 s by
+   default) in which no side runs: thread pools that spin after a call (ONNX Runtime's for
+   tens of milliseconds, OpenMP's, OpenBLAS's) would otherwise take a core from whichever
+   side runs next. Measured here at the medium shape: fastlstm right after an ONNX Runtime
+   call ran 1.9x slower than alone, with a 0.1 s pause within 10-25%; the peers, whose
+   pools spin rather than sleep, lose nothing either way.
 
 Modes: ``forward`` is inference (fastlstm ``eval()``, torch under ``inference_mode``, ONNX
 Runtime ``session.run``); ``train`` is one training step, forward + backward and nothing
@@ -62,6 +67,7 @@ SIDES = ("fastlstm", *peers.PEERS)
 DEFAULT_THREADS = 2
 DEFAULT_REPEATS = 20
 DEFAULT_BUDGET = 10.0  # seconds of timed calls per peer and row, before repeats are cut
+DEFAULT_PAUSE = 0.1  # seconds of quiet before each timed call of an alternating pair
 
 
 @dataclass(frozen=True)
@@ -323,6 +329,7 @@ def measure_row_set(
     threads_n: int = DEFAULT_THREADS,
     repeats: int = DEFAULT_REPEATS,
     budget: float = DEFAULT_BUDGET,
+    pause: float = DEFAULT_PAUSE,
     gemm_gflops: float = 0.0,
     notes: list[str] | None = None,
 ) -> list[Row]:
@@ -368,7 +375,9 @@ def measure_row_set(
     for r in range(repeats):
         for name, call in peer_calls.items():  # alternating: fastlstm, peer, fastlstm, ...
             if r < counts[name]:
+                time.sleep(pause)
                 fl_samples[name].append(_seconds(fl_call))
+                time.sleep(pause)
                 peer_samples[name].append(_seconds(call))
     work = flops(shape, variant, mode)
     rows = []
@@ -472,6 +481,7 @@ def run_grid(
     threads_n: int = DEFAULT_THREADS,
     repeats: int = DEFAULT_REPEATS,
     budget: float = DEFAULT_BUDGET,
+    pause: float = DEFAULT_PAUSE,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Every shape x mode against every installed peer; the JSON-ready result.
@@ -507,6 +517,7 @@ def run_grid(
                     threads_n=threads_n,
                     repeats=repeats,
                     budget=budget,
+                    pause=pause,
                     gemm_gflops=gemm,
                     notes=notes,
                 )
@@ -531,6 +542,7 @@ def run_grid(
             "threads": threads_n,
             "repeats": repeats,
             "budget_s": budget,
+            "pause_s": pause,
         },
         "machine": machine,
         "gemm_gflops": gemm,

@@ -32,6 +32,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _nonnegative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # also refuses NaN
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text}")
+    return value
+
+
 def _add_threads(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--threads",
@@ -43,7 +50,7 @@ def _add_threads(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_bench(sub) -> None:
-    from fastlstm.bench import DEFAULT_BUDGET, DEFAULT_REPEATS, GRID, VARIANTS
+    from fastlstm.bench import DEFAULT_BUDGET, DEFAULT_PAUSE, DEFAULT_REPEATS, GRID, VARIANTS
 
     parser = sub.add_parser(
         "bench",
@@ -89,6 +96,13 @@ def _add_bench(sub) -> None:
         default=DEFAULT_BUDGET,
         help="seconds of timed calls per peer and row before the pairs are cut (to at least "
         f"3); default {DEFAULT_BUDGET:g}",
+    )
+    parser.add_argument(
+        "--pause",
+        type=_nonnegative_float,
+        default=DEFAULT_PAUSE,
+        help="seconds of quiet before each timed call of a pair, so that a side's spinning "
+        f"thread pool does not slow the next side; default {DEFAULT_PAUSE:g}",
     )
     _add_threads(parser)
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
@@ -249,6 +263,7 @@ def _run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         threads_n=args.threads,
         repeats=args.repeats,
         budget=args.budget,
+        pause=args.pause,
         progress=lambda text: print(text, file=sys.stderr, flush=True),
     )
     print(bench.format_table(result), flush=True)

@@ -14,12 +14,13 @@ For every shape, mode and peer:
 3. time alternating calls, fastlstm then the peer, ``repeats`` pairs (fewer, but at least
    3, when the peer would need more than ``budget`` seconds: the reference at the large
    shapes), and report the medians. ratio = median(peer) / median(fastlstm of those pairs);
-   above 1 means fastlstm is faster. Each timed call starts after a ``pause`` (0.1 s by
-   default) in which no side runs: thread pools that spin after a call (ONNX Runtime's for
-   tens of milliseconds, OpenMP's, OpenBLAS's) would otherwise take a core from whichever
-   side runs next. Measured here at the medium shape: fastlstm right after an ONNX Runtime
-   call ran 1.9x slower than alone, with a 0.1 s pause within 10-25%; the peers, whose
-   pools spin rather than sleep, lose nothing either way.
+   above 1 means fastlstm is faster. Before each timed call the same side runs untimed
+   for ``settle`` seconds (0.1 by default; at least one call): thread pools that keep
+   spinning after a call (ONNX Runtime's for tens of milliseconds, OpenMP's, OpenBLAS's)
+   would otherwise take a core from whichever side runs next, and a side that has slept
+   pays to wake its threads. Measured here at the medium shape: fastlstm right after an
+   ONNX Runtime call ran 1.9x slower than alone, and after a 0.1 s sleep every side ran
+   slower than warm (torch's seed forward 35x); settling runs each side as it runs alone.
 
 Modes: ``forward`` is inference (fastlstm ``eval()``, torch under ``inference_mode``, ONNX
 Runtime ``session.run``); ``train`` is one training step, forward + backward and nothing
@@ -67,7 +68,7 @@ SIDES = ("fastlstm", *peers.PEERS)
 DEFAULT_THREADS = 2
 DEFAULT_REPEATS = 20
 DEFAULT_BUDGET = 10.0  # seconds of timed calls per peer and row, before repeats are cut
-DEFAULT_PAUSE = 0.1  # seconds of quiet before each timed call of an alternating pair
+DEFAULT_SETTLE = 0.1  # seconds a side runs untimed before each of its timed calls
 
 
 @dataclass(frozen=True)
@@ -313,6 +314,15 @@ class Row:
     peer_samples: list[float]
 
 
+def _settle(call: Callable[[], None], seconds: float) -> None:
+    """Run ``call`` untimed for ``seconds`` (at least once): the side's threads are awake and
+    the other side's spinning threads have gone to sleep before the timed call."""
+    end = time.perf_counter() + seconds
+    call()
+    while time.perf_counter() < end:
+        call()
+
+
 def _repeats_within(budget: float, estimate: float, repeats: int) -> int:
     if estimate <= 0:
         return repeats
@@ -329,7 +339,7 @@ def measure_row_set(
     threads_n: int = DEFAULT_THREADS,
     repeats: int = DEFAULT_REPEATS,
     budget: float = DEFAULT_BUDGET,
-    pause: float = DEFAULT_PAUSE,
+    settle: float = DEFAULT_SETTLE,
     gemm_gflops: float = 0.0,
     notes: list[str] | None = None,
 ) -> list[Row]:
@@ -375,9 +385,9 @@ def measure_row_set(
     for r in range(repeats):
         for name, call in peer_calls.items():  # alternating: fastlstm, peer, fastlstm, ...
             if r < counts[name]:
-                time.sleep(pause)
+                _settle(fl_call, settle)
                 fl_samples[name].append(_seconds(fl_call))
-                time.sleep(pause)
+                _settle(call, settle)
                 peer_samples[name].append(_seconds(call))
     work = flops(shape, variant, mode)
     rows = []
@@ -481,7 +491,7 @@ def run_grid(
     threads_n: int = DEFAULT_THREADS,
     repeats: int = DEFAULT_REPEATS,
     budget: float = DEFAULT_BUDGET,
-    pause: float = DEFAULT_PAUSE,
+    settle: float = DEFAULT_SETTLE,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Every shape x mode against every installed peer; the JSON-ready result.
@@ -517,7 +527,7 @@ def run_grid(
                     threads_n=threads_n,
                     repeats=repeats,
                     budget=budget,
-                    pause=pause,
+                    settle=settle,
                     gemm_gflops=gemm,
                     notes=notes,
                 )
@@ -542,7 +552,7 @@ def run_grid(
             "threads": threads_n,
             "repeats": repeats,
             "budget_s": budget,
-            "pause_s": pause,
+            "settle_s": settle,
         },
         "machine": machine,
         "gemm_gflops": gemm,

@@ -50,7 +50,7 @@ def _add_threads(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_bench(sub) -> None:
-    from fastlstm.bench import DEFAULT_BUDGET, DEFAULT_PAUSE, DEFAULT_REPEATS, GRID, VARIANTS
+    from fastlstm.bench import DEFAULT_BUDGET, DEFAULT_REPEATS, DEFAULT_SETTLE, GRID, VARIANTS
 
     parser = sub.add_parser(
         "bench",
@@ -98,11 +98,12 @@ def _add_bench(sub) -> None:
         f"3); default {DEFAULT_BUDGET:g}",
     )
     parser.add_argument(
-        "--pause",
+        "--settle",
         type=_nonnegative_float,
-        default=DEFAULT_PAUSE,
-        help="seconds of quiet before each timed call of a pair, so that a side's spinning "
-        f"thread pool does not slow the next side; default {DEFAULT_PAUSE:g}",
+        default=DEFAULT_SETTLE,
+        help="seconds each side runs untimed before each of its timed calls (at least one "
+        "call), so that the other side's spinning threads have stopped and its own are "
+        f"awake; default {DEFAULT_SETTLE:g}",
     )
     _add_threads(parser)
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
@@ -263,7 +264,7 @@ def _run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         threads_n=args.threads,
         repeats=args.repeats,
         budget=args.budget,
-        pause=args.pause,
+        settle=args.settle,
         progress=lambda text: print(text, file=sys.stderr, flush=True),
     )
     print(bench.format_table(result), flush=True)

@@ -65,7 +65,7 @@ def test_bench_table_json_and_plot(capsys, tmp_path):
         str(json_path),
         "--plot",
         str(png_path),
-        "--pause",
+        "--settle",
         "0.01",
     )
     rows = _table_rows(text)
@@ -86,7 +86,7 @@ def test_bench_table_json_and_plot(capsys, tmp_path):
     assert set(result) >= {"config", "machine", "gemm_gflops", "rows", "notes"}
     assert result["config"]["threads"] == int(THREADS)
     assert result["config"]["modes"] == ["forward", "train"]
-    assert result["config"]["pause_s"] == 0.01
+    assert result["config"]["settle_s"] == 0.01
     assert _positive(result["gemm_gflops"])
     assert len(result["rows"]) == len(rows)
     for row in result["rows"]:
@@ -174,8 +174,8 @@ def test_bench_alone_and_bad_arguments(capsys):
         ["bench", "--shapes", "huge"],
         ["bench", "--peers", "tensorflow"],
         ["bench", "--mode", "sideways"],
-        ["bench", "--pause", "-1"],
-        ["bench", "--pause", "nan"],
+        ["bench", "--settle", "-1"],
+        ["bench", "--settle", "nan"],
         ["profile", "--batch", "2"],
     ):
         with pytest.raises(SystemExit) as exc:

@@ -17,15 +17,16 @@ FASTMATH = {"nsz"}
 # differently, and results would then depend on how rows are split across threads.
 FASTMATH_REDUCTIONS = FASTMATH | {"reassoc", "contract"}
 
-# A layer's time loops use more than one thread (its two directions as two tasks, or the
-# BLAS threading a large step) only when they hold at least this many multiply-adds in
-# their recurrent products: below it, waking threads costs more than it saves.
+# A layer's time loops use more than one thread (directions and batch row chunks as
+# tasks, or the BLAS threading a one-row batch's large step) only when they hold at least
+# this many multiply-adds in their recurrent products: below it, waking threads costs more
+# than it saves.
 PARALLEL_MIN_MACS = 4_000_000
 
-# One direction's per-step recurrent GEMM is left to the BLAS's threads from this many
-# multiply-adds up, and held to one BLAS thread below (measured here with OpenBLAS: two
-# threads win from about 64 x 500 x 2000, 104-116 against 60-69 GFLOP/s, and lose at
-# 32 x 256 x 1024, 40 against 47 GFLOP/s).
+# A one-row batch (its per-step product is a BLAS gemv; a batch of rows uses fastlstm's
+# packed micro-kernel) leaves that gemv to the BLAS's threads from this many multiply-adds
+# up, and holds it to one BLAS thread below (OpenBLAS's threaded sgemv gained nothing at
+# 1 x 256 x 1024 here: 19 us either way).
 BLAS_THREADED_STEP_MACS = 32_000_000
 
 # A layer's time loop projects each step's inputs itself (x_t W_ih^T next to h W_hh^T,
@@ -34,11 +35,18 @@ BLAS_THREADED_STEP_MACS = 32_000_000
 # than one GEMM over all steps before the loop.
 FUSED_MAX_WEIGHT_BYTES = 8 << 20
 
-# Products whose work per row (multiply-adds) is at most this are done row by row by
-# hand-written loops over all 4H gate columns at once, instead of per-gate BLAS calls:
-# OpenBLAS spends microseconds per call on tiny matrices (and may wake its threads).
-# Per row: P x 4H for the recurrent product, I x 4H for the input projection,
-# 4H x (I + P) for the weight gradients.
+# The input projection (when not in the loop) and the weight gradients run as one task per
+# thread, each calling the BLAS on one thread, from this many multiply-adds on; below, as
+# one call on the BLAS's own threads. Measured here: split, two OpenBLAS calls of a few
+# hundred rows at once ran slower than one threaded call (150 x 256 x 1024: 2.3 against
+# 1.1 ms), while large ones split evenly (1600 x 1024 x 4096: 177 GFLOP/s either way)
+# and leave no OpenBLAS thread spinning into the next time loop.
+SPLIT_MIN_MACS = 200_000_000
+
+# Weight gradients whose work per row (4H x (I + P) multiply-adds) is at most this are
+# done row by row by hand-written loops over all 4H gate columns at once, instead of
+# per-gate BLAS calls: OpenBLAS spends microseconds per call on tiny matrices (measured
+# at the seed shape: 114 against 78 us).
 SMALL_ROW_MACS = 4096
 
 

@@ -17,7 +17,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from fastlstm import _kernels, _packed
-from fastlstm._config import BLAS_THREADED_STEP_MACS, FUSED_MAX_WEIGHT_BYTES, PARALLEL_MIN_MACS
+from fastlstm._config import (
+    BLAS_THREADED_STEP_MACS,
+    FUSED_MAX_WEIGHT_BYTES,
+    PARALLEL_MIN_MACS,
+    SPLIT_MIN_MACS,
+)
 from fastlstm._threads import blas_single_threaded, get_num_threads, run_tasks
 
 
@@ -95,12 +100,20 @@ def fuses_input_projection(batch: int, w_ih: np.ndarray, w_hh: np.ndarray) -> bo
     return batch > 1 and w_ih[0].nbytes + w_hh[0].nbytes <= FUSED_MAX_WEIGHT_BYTES
 
 
-def _project_inputs(xp, inputs, w_ih, bias, in_parallel: bool) -> None:
+def _parts(macs: int) -> int:
+    """Tasks for a phase of ``macs`` multiply-adds outside the time loop: one per thread
+    (BLAS on one thread in each, see _project_inputs) from SPLIT_MIN_MACS on; below, one
+    call with the BLAS's own threads."""
+    return get_num_threads() if macs >= SPLIT_MIN_MACS else 1
+
+
+def _project_inputs(xp, inputs, w_ih, bias) -> None:
     """Every step's input projection before the time loop; split over fastlstm's threads
-    (BLAS on one thread each) when the loop runs in parallel: an OpenBLAS thread left
-    spinning after a threaded call would take a core from the loop's tasks."""
+    (BLAS on one thread each) when large: an OpenBLAS thread left spinning after a
+    threaded call would take a core from the time loop's tasks that follow."""
     steps = xp.shape[2]
-    parts = min(get_num_threads(), steps) if in_parallel else 1
+    rows, width = inputs.shape
+    parts = min(_parts(rows * width * w_ih.shape[0] * w_ih.shape[1]), steps)
     if parts < 2:
         _kernels.project_inputs(xp, inputs, w_ih, bias, 0, steps)
         return
@@ -230,9 +243,7 @@ def forward(
         slots = steps if training or not fused else 1
         xp = np.empty((directions, 4, slots, batch * hidden), dtype)
         if not fused:
-            _timed(
-                timings, "input_gemm", _project_inputs, xp, inputs, layer.w_ih, bias, in_parallel
-            )
+            _timed(timings, "input_gemm", _project_inputs, xp, inputs, layer.w_ih, bias)
         out = np.empty((steps, batch, directions * out_size), dtype)
         if training:
             hprev = np.empty((directions, steps, batch, out_size), dtype)
@@ -304,7 +315,7 @@ def backward(
             args, tasks, in_parallel, blas_single,
         )  # fmt: skip
         d_layer_in = _timed(
-            timings, "weight_gradients", _weight_gradients, layer, grad, cache, dhstore, in_parallel
+            timings, "weight_gradients", _weight_gradients, layer, grad, cache, dhstore
         )
         if k > 0:
             below = caches[k - 1].mask
@@ -320,11 +331,11 @@ def _dropout_mask(rng, shape, dropout: float, dtype) -> np.ndarray:
     return (keep * scale).astype(dtype)
 
 
-def _weight_gradients(layer, grad, cache, dhstore, in_parallel: bool):
+def _weight_gradients(layer, grad, cache, dhstore):
     """All weight gradients of one layer, added into ``grad``; returns dL/dinput (T*B, I).
 
-    Split over fastlstm's threads (BLAS on one thread each) when the time loops run in
-    parallel, for the same reason as the input projection."""
+    Split over fastlstm's threads (BLAS on one thread each) when large, for the same
+    reasons as the input projection."""
     directions, gates, _ = layer.w_hh.shape
     dtype = layer.w_hh.dtype
     inputs = cache.inputs
@@ -336,7 +347,12 @@ def _weight_gradients(layer, grad, cache, dhstore, in_parallel: bool):
         cache.xp, inputs, cache.hprev, cache.cstate, cache.c0, cache.mstore, dhstore,
         layer.w_ih,
     )  # fmt: skip
-    parts = get_num_threads() if in_parallel else 1
+    rows, width = inputs.shape
+    # Split from PARALLEL_MIN_MACS on, not only from SPLIT_MIN_MACS: a threaded BLAS may sum
+    # dW_hh in another order than one thread, and results must not depend on the thread
+    # count.
+    macs = rows * gates * directions * (2 * width + layer.w_hh.shape[2])
+    parts = get_num_threads() if macs >= PARALLEL_MIN_MACS else 1
     if parts < 2:
         _kernels.weight_gradients(*args, 0, 1)
     else:

@@ -25,7 +25,6 @@ depend on how rows are split across threads.
 
 from __future__ import annotations
 
-import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
@@ -184,46 +183,63 @@ def lanes_of(array):
 # ------------------------------------------------------------------------------ packing
 
 
+def columns_shape(w_shape: tuple, blocks: int, itemsize: int) -> tuple:
+    """The shape :func:`pack_columns` fills for W of ``w_shape`` (D, blocks*N, K)."""
+    directions, total, inner = w_shape
+    lanes = _VECTOR_BYTES // itemsize
+    width = total // blocks if blocks > 0 else 0
+    count = blocks * ((width + lanes - 1) // lanes)
+    return (directions, (count + 1) // 2, inner, 2 * lanes)
+
+
+def rows_shape(w_shape: tuple, itemsize: int) -> tuple:
+    """The shape :func:`pack_rows` fills for W of ``w_shape`` (D, K, N)."""
+    directions, inner, width = w_shape
+    panel_width = 2 * (_VECTOR_BYTES // itemsize)
+    return (directions, (width + panel_width - 1) // panel_width, inner, panel_width)
+
+
 @jit
-def pack_columns(w, blocks):
-    """W (D, blocks*N, K) as panels (D, panels, K, 2 lanes) for products x W^T.
+def pack_columns(packed, w, blocks):
+    """Fill ``packed`` (:func:`columns_shape`) with W (D, blocks*N, K) as panels
+    (D, panels, K, 2 lanes) for products x W^T.
 
     The N output columns of each block (a gate) are grouped into vectors of ``lanes``
     (per_block = ceil(N / lanes) vectors per block, the last one zero-padded); vector q
     holds block q // per_block, columns (q % per_block) * lanes onward; panel p holds
     vectors 2p and 2p + 1, its row k being W[., column, k]. Empty W gives empty panels.
+    Every lane is written (zero past a block's end and in an odd count's last vector), so
+    ``packed`` may hold anything before.
     """
     directions, total, inner = w.shape
     width = total // blocks if blocks > 0 else 0
     lanes = lanes_of(w)
     per_block = (width + lanes - 1) // lanes
     count = blocks * per_block
-    panels = (count + 1) // 2
-    panel_width = 2 * lanes
-    packed = np.zeros((directions, panels, inner, panel_width), dtype=w.dtype)
+    panels = packed.shape[1]
     for d in range(directions):
         source = w[d]
-        for q in range(count):
-            block = q // per_block
-            col0 = (q - block * per_block) * lanes
-            first = block * width + col0
-            valid = min(lanes, width - col0)
+        for q in range(2 * panels):
             target = packed[d, q // 2]
             half = (q % 2) * lanes
+            block = q // per_block if per_block > 0 else 0
+            col0 = (q - block * per_block) * lanes
+            valid = min(lanes, width - col0) if q < count else 0
+            first = block * width + col0
             for k in range(inner):  # k outer: each panel row written as one contiguous run
                 for j in range(valid):
                     target[k, half + j] = source[first + j, k]
-    return packed
+                for j in range(valid, lanes):
+                    target[k, half + j] = 0
 
 
 @jit
-def pack_rows(w):
-    """W (D, K, N) as panels (D, panels, K, 2 lanes) for products x W: vectors over N."""
+def pack_rows(packed, w):
+    """Fill ``packed`` (:func:`rows_shape`) with W (D, K, N) as panels (D, panels, K,
+    2 lanes) for products x W: vectors over N, zero past N."""
     directions, inner, width = w.shape
-    lanes = lanes_of(w)
-    panel_width = 2 * lanes
-    panels = (width + panel_width - 1) // panel_width
-    packed = np.zeros((directions, panels, inner, panel_width), dtype=w.dtype)
+    panel_width = packed.shape[3]
+    panels = packed.shape[1]
     rows_per_block = 64  # a block of W's rows is read once, each panel's part written once
     for d in range(directions):
         source = w[d]
@@ -236,7 +252,8 @@ def pack_rows(w):
                 for k in range(k0, k1):
                     for j in range(valid):
                         target[k, j] = source[k, col0 + j]
-    return packed
+                    for j in range(valid, panel_width):
+                        target[k, j] = 0
 
 
 # ----------------------------------------------------------------------------- products

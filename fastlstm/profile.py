@@ -112,8 +112,8 @@ def _recurrent_tasks(lstm: fl.LSTM, shape: Shape, plan: list, rng) -> list[list[
         for d, first, end in plan:
             w_ih = np.ascontiguousarray(layer.w_ih[d : d + 1])
             w_hh = np.ascontiguousarray(layer.w_hh[d : d + 1])
-            packed_ih = _packed.pack_columns(w_ih, 4 if fused else 0)
-            packed_hh = _packed.pack_columns(w_hh, 4)
+            packed_ih = _engine._pack_columns(w_ih, 4 if fused else 0)
+            packed_hh = _engine._pack_columns(w_hh, 4)
             rows = end - first
             x = (0.5 * rng.standard_normal((rows, w_ih.shape[2]))).astype(dtype)
             h = (0.5 * rng.standard_normal((rows, out))).astype(dtype)

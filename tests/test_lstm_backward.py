@@ -398,3 +398,38 @@ def test_dropout_backward_matches_reference_with_the_same_masks(rng, dtype, leng
     assert_close(dc0, r_dc0, dtype, what="dc0")
     for name, value in model.grads.items():
         assert_close(value, r_grads[name], dtype, what=name)
+
+
+def test_reused_workspace_arrays_give_the_numbers_of_fresh_ones(rng):
+    """Large scratch arrays (packed weights, training caches) are reused across calls. With
+    every free array poisoned with NaN before reuse, two models (partly filled panel
+    vectors: H = 61, P = 29) interleaved with LIFO backwards give exactly what each gives
+    with an empty workspace, and the free lists stay bounded."""
+    from fastlstm import _engine
+
+    models = [fl.LSTM(40, 64, seed=1), fl.LSTM(40, 61, 2, proj_size=29, seed=2)]
+    xs = [rng.standard_normal((7, 24, 40)).astype(np.float32) for _ in range(2)]
+
+    def step(model, x):
+        model.zero_grad()
+        out, _ = model(x)
+        dx = model.backward(np.ones_like(out))[0]
+        return [out, dx, *(g.copy() for g in model.grads.values())]
+
+    fresh = []
+    for model, x in zip(models, xs, strict=True):
+        _engine._local.free = None  # an empty workspace
+        fresh.append(step(model, x))
+    for _ in range(2):
+        outs = [model(x)[0] for model, x in zip(models, xs, strict=True)]
+        for model, out in zip(reversed(models), reversed(outs), strict=True):
+            model.backward(np.zeros_like(out))  # pops each cache, gives its arrays back
+        for stack in _engine._free_lists().values():
+            for array in stack:
+                array.fill(np.nan)
+        for model, x, expected in zip(models, xs, fresh, strict=True):
+            for got, want in zip(step(model, x), expected, strict=True):
+                np.testing.assert_array_equal(got, want)
+    free = _engine._free_lists()
+    assert 0 < len(free) <= _engine._KEEP_SHAPES
+    assert all(len(stack) <= _engine._KEEP_PER_SHAPE for stack in free.values())

@@ -35,13 +35,12 @@ BLAS_THREADED_STEP_MACS = 32_000_000
 # than one GEMM over all steps before the loop.
 FUSED_MAX_WEIGHT_BYTES = 8 << 20
 
-# The input projection (when not in the loop) and the weight gradients run as one task per
-# thread, each calling the BLAS on one thread, from this many multiply-adds on; below, as
-# one call on the BLAS's own threads. Measured here: split, two OpenBLAS calls of a few
-# hundred rows at once ran slower than one threaded call (150 x 256 x 1024: 2.3 against
-# 1.1 ms), while large ones split evenly (1600 x 1024 x 4096: 177 GFLOP/s either way)
-# and leave no OpenBLAS thread spinning into the next time loop.
-SPLIT_MIN_MACS = 200_000_000
+# The input projection (when not in the loop) and the weight gradients are cut into this
+# many parts from PARALLEL_MIN_MACS on, run at once on fastlstm's threads with the BLAS on
+# one thread each (a threaded OpenBLAS leaves threads spinning that take a core from the
+# time loops that follow). A fixed count, not the thread count: the BLAS's float32 sums
+# can depend on a product's size, and results must not depend on the thread count.
+SPLIT_PARTS = 2
 
 # Weight gradients whose work per row (4H x (I + P) multiply-adds) is at most this are
 # done row by row by hand-written loops over all 4H gate columns at once, instead of

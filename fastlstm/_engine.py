@@ -18,12 +18,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fastlstm import _kernels, _packed
+from fastlstm import _kernels, _packed, _sync
 from fastlstm._config import (
     BLAS_THREADED_STEP_MACS,
     FUSED_MAX_WEIGHT_BYTES,
     PARALLEL_MIN_MACS,
-    SPLIT_MIN_MACS,
+    SPLIT_PARTS,
 )
 from fastlstm._threads import blas_single_threaded, get_num_threads, run_tasks
 
@@ -122,6 +122,12 @@ def _pack_columns(w: np.ndarray, blocks: int) -> np.ndarray:
     return packed
 
 
+def _pack_units(w: np.ndarray) -> np.ndarray:
+    packed = _take(_packed.units_shape(w.shape, w.itemsize), w.dtype)
+    _packed.pack_units(packed, w)
+    return packed
+
+
 def _pack_rows(w: np.ndarray) -> np.ndarray:
     packed = _take(_packed.rows_shape(w.shape, w.itemsize), w.dtype)
     _packed.pack_rows(packed, w)
@@ -155,16 +161,30 @@ def fuses_input_projection(batch: int, w_ih: np.ndarray, w_hh: np.ndarray) -> bo
 
 
 def _parts(macs: int) -> int:
-    """Tasks for a phase of ``macs`` multiply-adds outside the time loop: one per thread
-    (BLAS on one thread in each, see _project_inputs) from SPLIT_MIN_MACS on; below, one
-    call with the BLAS's own threads."""
-    return get_num_threads() if macs >= SPLIT_MIN_MACS else 1
+    """How many parts a phase of ``macs`` multiply-adds outside the time loops is cut into:
+    SPLIT_PARTS from PARALLEL_MIN_MACS on, whatever the thread count, so that its
+    arithmetic (BLAS calls of the same sizes) never depends on the thread count."""
+    return SPLIT_PARTS if macs >= PARALLEL_MIN_MACS else 1
+
+
+def _run_parts(function, calls: list[tuple]) -> None:
+    """``function(*call)`` for every part, at once on fastlstm's threads when there are
+    two or more, else one after another; the BLAS on one thread in each either way."""
+    with blas_single_threaded():
+        if get_num_threads() >= 2:
+            run_tasks(function, calls)
+        else:
+            for call in calls:
+                function(*call)
 
 
 def _project_inputs(xp, inputs, w_ih, bias) -> None:
     """Every step's input projection before the time loop; split over fastlstm's threads
-    (BLAS on one thread each) when large: an OpenBLAS thread left spinning after a
-    threaded call would take a core from the time loop's tasks that follow."""
+    (BLAS on one thread each) when large, never on the BLAS's threads: an OpenBLAS thread
+    left spinning after a threaded call takes a core from the time loop's tasks that
+    follow (measured at the latency shape: the one-row loop on two threads took 3.1 ms
+    after a threaded projection, 1.4 ms after a split one, which itself took 0.85 ms
+    against 1.3)."""
     steps = xp.shape[2]
     rows, width = inputs.shape
     parts = min(_parts(rows * width * w_ih.shape[0] * w_ih.shape[1]), steps)
@@ -172,11 +192,8 @@ def _project_inputs(xp, inputs, w_ih, bias) -> None:
         _kernels.project_inputs(xp, inputs, w_ih, bias, 0, steps)
         return
     bounds = [steps * part // parts for part in range(parts + 1)]
-    with blas_single_threaded():
-        run_tasks(
-            _kernels.project_inputs,
-            [(xp, inputs, w_ih, bias, bounds[i], bounds[i + 1]) for i in range(parts)],
-        )
+    calls = [(xp, inputs, w_ih, bias, bounds[i], bounds[i + 1]) for i in range(parts)]
+    _run_parts(_kernels.project_inputs, calls)
 
 
 def forward_panels(layer: LayerArrays, fused: bool, batch: int) -> tuple[np.ndarray, ...]:
@@ -227,6 +244,34 @@ def _plan(steps: int, batch: int, directions: int, gates: int, out_size: int):
     bounds = [batch * part // chunks for part in range(chunks + 1)]
     tasks = [(d, bounds[i], bounds[i + 1]) for d in range(directions) for i in range(chunks)]
     return tasks, True, True
+
+
+def one_row_plan(steps: int, directions: int, gates: int, out_size: int, chunks: int):
+    """How to run a one-row batch's forward loops: (tasks, parties, run in parallel).
+
+    A task is (direction, first chunk, end chunk) of hidden units. One direction is split
+    into ``parties`` = 2 chunk ranges on two threads (with a barrier per step) when the
+    loop is large enough and has two chunks; two directions run as one task each.
+    """
+    threads = get_num_threads()
+    whole = [(d, 0, chunks) for d in range(directions)]
+    if threads < 2 or steps * directions * gates * out_size < PARALLEL_MIN_MACS:
+        return whole, 1, False
+    if directions == 1 and chunks >= 2 and _sync.AVAILABLE:
+        half = chunks // 2
+        return [(0, 0, half), (0, half, chunks)], 2, True
+    return whole, 1, directions > 1
+
+
+def layer_forward_one_row(args: tuple, tasks: list, parties: int, parallel: bool) -> None:
+    """A one-row batch's forward loops (see one_row_plan); parties > 1 needs parallel."""
+    *arrays, state, counter, training = args
+    calls = [(*arrays, *task, state, counter, parties, training) for task in tasks]
+    if parallel:
+        run_tasks(_kernels.layer_forward_one_row, calls)
+    else:
+        for call in calls:
+            _kernels.layer_forward_one_row(*call)
 
 
 def layer_forward_serial(args: tuple, tasks: list[tuple[int, int, int]]) -> None:
@@ -306,17 +351,23 @@ def forward(
         else:
             hprev, cstate, mstore = _empty(dtype, 4), _empty(dtype, 3), _empty(dtype, 4)
         rows = slice(k * directions, (k + 1) * directions)
-        packed = _timed(timings, "pack_weights", forward_panels, layer, fused, batch)
-        args = (
-            out, h_n[rows], c_n[rows], xp, hprev, cstate, mstore, h0[rows], c0[rows],
-            inputs, bias, layer.w_hh, packed, _optional(layer.w_hr, dtype),
-            _optional(layer.peep, dtype), _optional(layer.w_ch, dtype), lengths, training,
-        )  # fmt: skip
-        _time_loops(
-            timings, "time_loop", layer_forward_serial, layer_forward_parallel,
-            args, tasks, in_parallel, blas_single,
-        )  # fmt: skip
-        _give(*packed)
+        if batch == 1 and layer.w_hr is None and layer.w_ch is None:
+            _forward_one_row(
+                timings, layer, out, h_n[rows], c_n[rows], xp, hprev, cstate,
+                h0[rows], c0[rows], lengths, training,
+            )  # fmt: skip
+        else:
+            packed = _timed(timings, "pack_weights", forward_panels, layer, fused, batch)
+            args = (
+                out, h_n[rows], c_n[rows], xp, hprev, cstate, mstore, h0[rows], c0[rows],
+                inputs, bias, layer.w_hh, packed, _optional(layer.w_hr, dtype),
+                _optional(layer.peep, dtype), _optional(layer.w_ch, dtype), lengths, training,
+            )  # fmt: skip
+            _time_loops(
+                timings, "time_loop", layer_forward_serial, layer_forward_parallel,
+                args, tasks, in_parallel, blas_single,
+            )  # fmt: skip
+            _give(*packed)
         if not training:
             _give(xp)
         mask = None
@@ -383,6 +434,25 @@ def backward(
     return d_layer_in.reshape(steps, batch, -1), dh0, dc0
 
 
+def _forward_one_row(
+    timings, layer, out, h_n, c_n, xp, hprev, cstate, h0, c0, lengths, training
+) -> None:
+    """One layer's forward loops for a batch of one row (xp holds the input projection)."""
+    directions, gates, out_size = layer.w_hh.shape
+    steps = out.shape[0]
+    packed = _timed(timings, "pack_weights", _pack_units, layer.w_hh)
+    tasks, parties, parallel = one_row_plan(steps, directions, gates, out_size, packed.shape[2])
+    state = np.empty((directions, 2, out_size), layer.w_hh.dtype)
+    state[:, 0] = h0[:, 0]
+    counter = np.zeros(1, np.int64)
+    args = (
+        out, h_n, c_n, xp, hprev, cstate, h0, c0, packed,
+        _optional(layer.peep, layer.w_hh.dtype), lengths, state, counter, training,
+    )  # fmt: skip
+    _timed(timings, "time_loop", layer_forward_one_row, args, tasks, parties, parallel)
+    _give(packed)
+
+
 def _dropout_mask(rng, shape, dropout: float, dtype) -> np.ndarray:
     """Inverted dropout: 0 with probability ``dropout``, else 1 / (1 - dropout)."""
     keep = rng.random(shape) >= dropout
@@ -407,16 +477,13 @@ def _weight_gradients(layer, grad, cache, dhstore):
         layer.w_ih,
     )  # fmt: skip
     rows, width = inputs.shape
-    # Split from PARALLEL_MIN_MACS on, not only from SPLIT_MIN_MACS: a threaded BLAS may sum
-    # dW_hh in another order than one thread, and results must not depend on the thread
-    # count.
-    macs = rows * gates * directions * (2 * width + layer.w_hh.shape[2])
-    parts = get_num_threads() if macs >= PARALLEL_MIN_MACS else 1
+    # (Also: a threaded BLAS may sum dW_hh in another order than one thread, and results
+    # must not depend on the thread count.)
+    parts = _parts(rows * gates * directions * (2 * width + layer.w_hh.shape[2]))
     if parts < 2:
         _kernels.weight_gradients(*args, 0, 1)
     else:
-        with blas_single_threaded():
-            run_tasks(_kernels.weight_gradients, [(*args, part, parts) for part in range(parts)])
+        _run_parts(_kernels.weight_gradients, [(*args, part, parts) for part in range(parts)])
     for part in (grad.b_ih, grad.b_hh, grad.b_ch):
         if part is not None:
             part += bias_grad

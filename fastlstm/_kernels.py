@@ -45,7 +45,8 @@ import numpy as np
 from fastlstm._activations import fma, one, sigmoid, tanh, zero
 from fastlstm._blas import gemm_ab, gemm_abt, gemm_atb
 from fastlstm._config import PROJECTION_BLOCK_ROWS, SMALL_ROW_MACS, jit
-from fastlstm._packed import ROWS, product_ab, product_abt
+from fastlstm._packed import ROWS, product_ab, product_abt, product_one_row
+from fastlstm._sync import arrive_and_wait
 
 # ----------------------------------------------------------------------------- products
 
@@ -512,6 +513,85 @@ def layer_forward_rows(
         out, h_n, c_n, xp, hprev, cstate, mstore,
         h0, c0, x, bias, w_hh, packed, w_hr, peep, w_ch, lengths, d, b0, b1, training,
     )  # fmt: skip
+
+
+@jit
+def layer_forward_one_row(
+    out, h_n, c_n, xp, hprev, cstate, h0, c0, packed, peep, lengths,
+    d, first, end, state, counter, parties, training,
+):  # fmt: skip
+    """Direction d of one layer for a batch of one row, hidden chunks first..end-1.
+
+    ``parties`` calls (one per thread) with disjoint chunk ranges run the direction
+    together: each computes its units' gates, cell and output, then waits at a barrier
+    (:mod:`fastlstm._sync`) until all have written their part of the new state, which every
+    product needs whole. ``state`` (D, 2, P) holds h_{t-1} and h_t in turn, state[d, 0]
+    set to h0 by the caller; ``counter`` (1,) int64 starts at 0. No projection, no full
+    peephole (those take :func:`layer_forward_rows`); xp holds the input projection.
+    Steps past the row's length are padding: out is zero there, and in training the caches
+    hold the carried state (and zero gates) so that backward and the weight gradients
+    read defined numbers.
+    """
+    steps = out.shape[0]
+    hidden = c0.shape[2]
+    out_size = h0.shape[2]
+    width = packed.shape[4]
+    lo = first * width
+    hi = min(hidden, end * width)
+    ocol = d * out_size
+    diagonal = peep.shape[1] > 0
+    run = min(steps, lengths[0])
+    c = c0[d, 0, lo:hi].copy()
+    c_new = np.empty_like(c)
+    if diagonal:
+        p_i, p_f, p_o = peep[d, 0, lo:hi], peep[d, 1, lo:hi], peep[d, 2, lo:hi]
+    else:
+        p_i = p_f = p_o = np.empty(0, dtype=c.dtype)
+    scratch = np.empty(width, dtype=c.dtype)
+    gate_stride = xp.shape[2] * xp.shape[3]
+    one_slot = xp.shape[2] != steps
+    current = 0
+    for s in range(run):
+        t = run - 1 - s if d == 1 else s  # the reverse direction runs over the row's steps
+        slot = 0 if one_slot else t
+        h = state[d, current]
+        h_next = state[d, 1 - current]
+        base = d * 4 * gate_stride + slot * xp.shape[3]
+        product_one_row(xp, base, gate_stride, hidden, h, packed, d, first, end, scratch)
+        if training:
+            hprev[d, t, 0, lo:hi] = h[lo:hi]
+        ai = xp[d, 0, slot, lo:hi]
+        af = xp[d, 1, slot, lo:hi]
+        ag = xp[d, 2, slot, lo:hi]
+        ao = xp[d, 3, slot, lo:hi]
+        m = h_next[lo:hi]
+        if diagonal:
+            _gates_forward_diagonal(ai, af, ag, ao, c, c_new, m, p_i, p_f, p_o)
+        else:
+            _gates_forward(ai, af, ag, ao, c, c_new, m)
+        for j in range(hi - lo):
+            out[t, 0, ocol + lo + j] = m[j]
+        if training:
+            cstate[d, t, lo:hi] = c_new
+        if parties > 1:
+            arrive_and_wait(counter, parties * (s + 1))
+        c, c_new = c_new, c
+        current = 1 - current
+    h = state[d, current]
+    # Padding carries the state: the final one forward, h0 and c0 in the reverse direction
+    # (whose padded steps come before its first real one).
+    carried_h = h0[d, 0, lo:hi] if d == 1 else h[lo:hi]
+    carried_c = c0[d, 0, lo:hi] if d == 1 else c
+    for t in range(run, steps):
+        for j in range(lo, hi):
+            out[t, 0, ocol + j] = 0
+        if training:
+            hprev[d, t, 0, lo:hi] = carried_h
+            cstate[d, t, lo:hi] = carried_c
+            for g in range(4):
+                xp[d, g, t, lo:hi] = 0
+    h_n[d, 0, lo:hi] = h[lo:hi]
+    c_n[d, 0, lo:hi] = c
 
 
 @jit

@@ -41,8 +41,9 @@ def _make_tile(rows: int, vectors: int):
 
     Arguments (offsets and strides in elements of the arrays' own dtype):
     ``tile(c, c_off0, c_off1, ldc, a, a_off, lda, b, b_off, ldb, kc)``; row r of vector v of
-    C starts at c_off_v + r ldc, A[r, k] is at a_off + r lda + k, B[k] (a panel row of
-    ``vectors`` SIMD vectors) at b_off + k ldb. Arrays must be C-contiguous.
+    C starts at c_off_v + r ldc (vectors past the second follow the second: c_off1 +
+    (v - 1) lanes), A[r, k] is at a_off + r lda + k, B[k] (a panel row of ``vectors`` SIMD
+    vectors) at b_off + k ldb. Arrays must be C-contiguous.
     """
 
     @intrinsic
@@ -84,6 +85,9 @@ def _make_tile(rows: int, vectors: int):
             zero = ir.Constant(vector, [0.0] * lanes)
             undef = ir.Constant(vector, ir.Undefined)
             splat_mask = ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes)
+            offsets = [c_off0] + [
+                builder.add(c_off1, const((v - 1) * lanes)) for v in range(1, vectors)
+            ]
             entry = builder.block
             loop = builder.append_basic_block("tile.loop")
             done = builder.append_basic_block("tile.done")
@@ -120,7 +124,6 @@ def _make_tile(rows: int, vectors: int):
             builder.cbranch(builder.icmp_signed("<", k_next, kc), loop, done)
 
             builder.position_at_end(done)
-            offsets = (c_off0, c_off1)
             totals = [[builder.phi(vector) for _ in range(vectors)] for _ in range(rows)]
             for r in range(rows):  # every phi first: LLVM wants them at the block's top
                 for v in range(vectors):
@@ -140,6 +143,10 @@ def _make_tile(rows: int, vectors: int):
     return tile
 
 
+# One row (a batch of one): 8 vectors at once, so that 8 independent accumulator chains
+# hide the multiply-add latency (2 per row would leave the FMA units idle 3 cycles in 4).
+ROW_VECTORS = 8
+_row_tile = _make_tile(1, ROW_VECTORS)
 _t1a, _t2a, _t3a, _t4a, _t5a, _t6a = (_make_tile(rows, 1) for rows in range(1, ROWS + 1))
 _t1b, _t2b, _t3b, _t4b, _t5b, _t6b = (_make_tile(rows, 2) for rows in range(1, ROWS + 1))
 
@@ -348,3 +355,61 @@ def product_ab(c, rows, a, a_base, a_block_stride, lda, kc, packed, d, k_first, 
             for r in range(block):
                 for j in range(min(panel_width, width - col0)):
                     c[r0 + r, col0 + j] += scratch[r * panel_width + j]
+
+
+# ----------------------------------------------------------------- batch of one row
+
+
+def units_shape(w_shape: tuple, itemsize: int) -> tuple:
+    """The shape :func:`pack_units` fills for W_hh of ``w_shape`` (D, 4H, P)."""
+    directions, gates, inner = w_shape
+    width = ROW_VECTORS * (_VECTOR_BYTES // itemsize)
+    hidden = gates // 4
+    return (directions, 4, (hidden + width - 1) // width, inner, width)
+
+
+@jit
+def pack_units(packed, w):
+    """Fill ``packed`` (:func:`units_shape`) with W (D, 4H, P) for the one-row product:
+    packed[d, g, chunk, k, j] = W[d, g H + chunk width + j, k], zero past H. A chunk is
+    ROW_VECTORS vectors of hidden units; threads of one direction own chunk ranges."""
+    directions, gates, inner = w.shape
+    hidden = gates // 4
+    chunks = packed.shape[2]
+    width = packed.shape[4]
+    for d in range(directions):
+        source = w[d]
+        for g in range(4):
+            for chunk in range(chunks):
+                target = packed[d, g, chunk]
+                first = g * hidden + chunk * width
+                valid = min(width, hidden - chunk * width)
+                for k in range(inner):
+                    for j in range(valid):
+                        target[k, j] = source[first + j, k]
+                    for j in range(valid, width):
+                        target[k, j] = 0
+
+
+@jit
+def product_one_row(xp, base, gate_stride, hidden, h, packed, d, first, end, scratch):
+    """xp.flat[base + g gate_stride + u] += sum_k h[k] W_hh[d, g H + u, k] for the hidden
+    units u of chunks first..end-1 and every gate g; h (P,), packed from :func:`pack_units`,
+    scratch (one chunk,)."""
+    inner = h.shape[0]
+    width = packed.shape[4]
+    lanes = lanes_of(h)
+    chunks = packed.shape[2]
+    for g in range(4):
+        for chunk in range(first, end):
+            off = base + g * gate_stride + chunk * width
+            b_off = ((d * 4 + g) * chunks + chunk) * inner * width
+            valid = min(width, hidden - chunk * width)
+            if valid == width:
+                _row_tile(xp, off, off + lanes, 0, h, 0, 0, packed, b_off, width, inner)
+                continue
+            scratch[:] = 0  # a part-valid chunk: through the scratch
+            _row_tile(scratch, 0, lanes, 0, h, 0, 0, packed, b_off, width, inner)
+            flat = xp.reshape(xp.size)
+            for j in range(valid):
+                flat[off + j] += scratch[j]

@@ -618,6 +618,53 @@ def test_one_direction_split_into_row_chunks_above_the_threshold(
     compare_serial_and_parallel(rng, kernel_calls, model, batch, lengths)
 
 
+@dtypes
+@pytest.mark.parametrize(
+    "options, lengths",
+    [({}, None), ({"peephole": "diagonal"}, np.array([T - 2])), ({"bidirectional": True}, [3])],
+    ids=["plain", "diagonal-padded", "bidirectional-padded"],
+)
+def test_one_row_batch_splits_hidden_units_bit_identically(
+    rng, monkeypatch, restore_threads, dtype, options, lengths
+):
+    """A batch of one row: one direction's hidden units in two chunk ranges on two threads
+    with a barrier per step (two directions: one task each) give the numbers of one thread,
+    forward and backward, and match the reference. H = 150: chunks of 64 (float32) or 32
+    (float64) units, the last one part-valid."""
+    monkeypatch.setattr(_engine, "PARALLEL_MIN_MACS", 0)
+    seen = []
+    real = _engine.layer_forward_one_row
+
+    def spy(args, tasks, parties, parallel):
+        seen.append((len(tasks), parties, parallel))
+        return real(args, tasks, parties, parallel)
+
+    monkeypatch.setattr(_engine, "layer_forward_one_row", spy)
+    model = fl.LSTM(I, 150, 2, dtype=dtype, seed=14, **options)
+    lengths = None if lengths is None else np.asarray(lengths)
+    D = 2 if model.bidirectional else 1
+    x = rng.standard_normal((T, 1, I)).astype(dtype)
+    state = random_state(rng, model, 1)
+    dout = rng.standard_normal((T, 1, D * 150)).astype(dtype)
+    dh_n, dc_n = random_state(rng, model, 1)
+    args = (x, state, lengths, dout, dh_n, dc_n)
+    fl.set_num_threads(1)
+    serial = run_forward_backward(model, *args)
+    assert seen == [(D, 1, False)] * 2
+    fl.set_num_threads(2)
+    parallel = run_forward_backward(model, *args)
+    split = (2, 2, True) if D == 1 else (2, 1, True)
+    assert seen[2:] == [split] * 2
+    for name, value in serial.items():
+        np.testing.assert_array_equal(parallel[name], value, err_msg=name)
+    r_out, (r_h, r_c), cache = reference_run(model, x, state, lengths)
+    r_dx, (r_dh0, r_dc0), r_grads = ref.lstm_backward(dout, dh_n, dc_n, cache)
+    expected = {"out": r_out, "h_n": r_h, "c_n": r_c, "dx": r_dx, "dh0": r_dh0, "dc0": r_dc0}
+    expected |= {f"grad {name}": value for name, value in r_grads.items()}
+    for name, value in expected.items():
+        assert_close(parallel[name], value, dtype, what=name)
+
+
 # ----------------------------------------------------------------------------------------------
 # Invariants
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,71 @@
+"""A spin-then-yield barrier for the threads of one time loop (a batch of one row).
+
+A batch of one row cannot be split by rows; its two threads split the hidden units
+instead, and every step each needs the whole new state from the other: one barrier per
+step. Each thread adds 1 to a shared counter after its step and waits until the counter
+reaches parties x steps done. The counter only grows, so no reset is needed. Waiting
+spins briefly (a step takes microseconds) and then yields the CPU (``sched_yield``), so
+that a waiting thread does not keep a core from the one it waits for when other
+processes compete for the cores.
+
+The atomics are LLVM instructions (``atomicrmw add``, ``load atomic acquire``) through
+Numba intrinsics: the add publishes this thread's writes of the step (sequentially
+consistent), the acquiring load makes the other's visible.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import llvmlite.binding as llvm
+from numba import types
+from numba.extending import intrinsic
+
+from fastlstm._config import jit
+
+try:  # POSIX; elsewhere the one-row loops stay on one thread (see available())
+    _libc = ctypes.CDLL(None)
+    llvm.add_symbol("fastlstm_sched_yield", ctypes.cast(_libc.sched_yield, ctypes.c_void_p).value)
+    AVAILABLE = True
+except (OSError, AttributeError, TypeError):
+    AVAILABLE = False
+_sched_yield = types.ExternalFunction("fastlstm_sched_yield", types.int32())
+
+SPINS_BEFORE_YIELD = 4000  # about 2-4 microseconds of polling
+
+
+@intrinsic
+def _atomic_add(typingctx, counter, value):
+    """counter[0] += value atomically (sequentially consistent); returns the old value."""
+    if not (isinstance(counter, types.Array) and counter.dtype == types.int64):
+        return None
+
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        return builder.atomic_rmw("add", data, args[1], "seq_cst")
+
+    return types.int64(counter, types.int64), codegen
+
+
+@intrinsic
+def _atomic_load(typingctx, counter):
+    """counter[0], read with acquire ordering."""
+    if not (isinstance(counter, types.Array) and counter.dtype == types.int64):
+        return None
+
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        return builder.load_atomic(data, "acquire", 8)
+
+    return types.int64(counter), codegen
+
+
+@jit
+def arrive_and_wait(counter, target):
+    """Count this thread's arrival, then wait until ``counter[0] >= target``."""
+    _atomic_add(counter, 1)
+    spins = 0
+    while _atomic_load(counter) < target:
+        spins += 1
+        if spins > SPINS_BEFORE_YIELD:
+            _sched_yield()

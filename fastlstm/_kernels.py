@@ -51,6 +51,26 @@ from fastlstm._sync import arrive_and_wait
 # ----------------------------------------------------------------------------- products
 
 
+# Copies between arrays are explicit loops: Numba compiles every array-to-slice assignment
+# with a formatted shape-mismatch error, whose string machinery cost about 10 s of the
+# first call's compile time (measured with an empty cache).
+
+
+@jit
+def _copy1(dst, src):
+    """dst[:] = src for 1-D arrays of one length."""
+    for j in range(src.shape[0]):
+        dst[j] = src[j]
+
+
+@jit
+def _copy2(dst, src):
+    """dst[:, :] = src for 2-D arrays of one shape."""
+    for r in range(src.shape[0]):
+        for j in range(src.shape[1]):
+            dst[r, j] = src[r, j]
+
+
 @jit
 def _transpose(w):
     """A C-contiguous transposed copy (the small-size loops want the long axis innermost)."""
@@ -334,7 +354,7 @@ def _forward_rows(
             c2 = c.reshape((rows, hidden))
             product_abt(xp, base, gate_stride, hidden, hidden, rows, c2, 0, pan_ifg, d, 3, scratch)
         if training:
-            hprev[d, t, b0:b1] = h
+            _copy2(hprev[d, t, b0:b1], h)
         m_flat = m.reshape(units)
         if full:
             _gates_forward_ifg(ai, af, ag, c, c_new)
@@ -364,13 +384,13 @@ def _forward_rows(
                 for j in range(out_size):
                     out[t, b0 + r, ocol + j] = 0
         if training:
-            cstate[d, t, lo:hi] = c_new
+            _copy1(cstate[d, t, lo:hi], c_new)
             if has_proj:
-                mstore[d, t, b0:b1] = m_proj
+                _copy2(mstore[d, t, b0:b1], m_proj)
         h, h_new = h_new, h
         c, c_new = c_new, c
-    h_n[d, b0:b1] = h
-    c_n[d, b0:b1] = c.reshape((rows, hidden))
+    _copy2(h_n[d, b0:b1], h)
+    _copy2(c_n[d, b0:b1], c.reshape((rows, hidden)))
 
 
 @jit
@@ -426,7 +446,7 @@ def _backward_rows(
         c_t = cstate[d, t, lo:hi]
         c_prev = cstate[d, t_prev, lo:hi] if 0 <= t_prev < steps else c0_rows
         if padded:
-            dc_carry[:] = dc
+            _copy1(dc_carry, dc)
         base = d * 4 * gate_stride + t * xp.shape[3] + lo  # xp[d, 0, t, lo] in xp.flat
         if full:
             dc2 = dc.reshape((rows, hidden))
@@ -458,8 +478,8 @@ def _backward_rows(
                     for j in range(out_size):
                         dh_next[r, j] = dh[r, j]
         dh, dh_next = dh_next, dh
-    dh0[d, b0:b1] = dh
-    dc0[d, b0:b1] = dc.reshape((rows, hidden))
+    _copy2(dh0[d, b0:b1], dh)
+    _copy2(dc0[d, b0:b1], dc.reshape((rows, hidden)))
 
 
 # --------------------------------------------------------------------------- drivers
@@ -559,7 +579,7 @@ def layer_forward_one_row(
         base = d * 4 * gate_stride + slot * xp.shape[3]
         product_one_row(xp, base, gate_stride, hidden, h, packed, d, first, end, scratch)
         if training:
-            hprev[d, t, 0, lo:hi] = h[lo:hi]
+            _copy1(hprev[d, t, 0, lo:hi], h[lo:hi])
         ai = xp[d, 0, slot, lo:hi]
         af = xp[d, 1, slot, lo:hi]
         ag = xp[d, 2, slot, lo:hi]
@@ -572,7 +592,7 @@ def layer_forward_one_row(
         for j in range(hi - lo):
             out[t, 0, ocol + lo + j] = m[j]
         if training:
-            cstate[d, t, lo:hi] = c_new
+            _copy1(cstate[d, t, lo:hi], c_new)
         if parties > 1:
             arrive_and_wait(counter, parties * (s + 1))
         c, c_new = c_new, c
@@ -586,12 +606,12 @@ def layer_forward_one_row(
         for j in range(lo, hi):
             out[t, 0, ocol + j] = 0
         if training:
-            hprev[d, t, 0, lo:hi] = carried_h
-            cstate[d, t, lo:hi] = carried_c
+            _copy1(hprev[d, t, 0, lo:hi], carried_h)
+            _copy1(cstate[d, t, lo:hi], carried_c)
             for g in range(4):
                 xp[d, g, t, lo:hi] = 0
-    h_n[d, 0, lo:hi] = h[lo:hi]
-    c_n[d, 0, lo:hi] = c
+    _copy1(h_n[d, 0, lo:hi], h[lo:hi])
+    _copy1(c_n[d, 0, lo:hi], c)
 
 
 @jit
@@ -643,8 +663,11 @@ def _dense_gradients_small(dx, gw_ih, gw_hh, gbias, xp, x, hprev, w_ih, d):
             for col in range(gates):
                 acc += da[col] * w_ih_t[i, col]
             dx[row, i] = acc
-    gw_ih[d] += g_ih_t.T
-    gw_hh[d] += g_hh_t.T
+    for col in range(gates):
+        for i in range(width):
+            gw_ih[d, col, i] += g_ih_t[i, col]
+        for q in range(out_size):
+            gw_hh[d, col, q] += g_hh_t[q, col]
 
 
 @jit

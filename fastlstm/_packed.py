@@ -25,6 +25,7 @@ depend on how rows are split across threads.
 
 from __future__ import annotations
 
+import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
@@ -266,8 +267,25 @@ def pack_rows(packed, w):
 # ----------------------------------------------------------------------------- products
 
 
+# Callers pass literal integers (0, 4, ...), and Numba compiles a jit function once per
+# distinct literal: the public products pass every integer through np.intp (a plain int64)
+# to one implementation each (measured: five specialisations of the forward product, over
+# a second each, before).
+
+
 @jit
 def product_abt(c, c_base, c_block_stride, ldc, width, rows, a, a_base, packed, d, blocks, scratch):
+    """C += A W_d^T; see :func:`_product_abt`."""
+    _product_abt(
+        c, np.intp(c_base), np.intp(c_block_stride), np.intp(ldc), np.intp(width),
+        np.intp(rows), a, np.intp(a_base), packed, np.intp(d), np.intp(blocks), scratch,
+    )  # fmt: skip
+
+
+@jit
+def _product_abt(
+    c, c_base, c_block_stride, ldc, width, rows, a, a_base, packed, d, blocks, scratch
+):
     """C += A W_d^T with W packed by :func:`pack_columns` (``blocks`` blocks of ``width``).
 
     A's row r is a.flat[a_base + r K : a_base + (r + 1) K] (K = the panels' depth).
@@ -279,6 +297,10 @@ def product_abt(c, c_base, c_block_stride, ldc, width, rows, a, a_base, packed, 
     lanes = lanes_of(a)
     panel_width = 2 * lanes
     per_block = (width + lanes - 1) // lanes
+    # Flat views: the micro-kernel then has one signature per dtype (compile time).
+    flat = c.reshape(c.size)
+    a_flat = a.reshape(a.size)
+    b_flat = packed.reshape(packed.size)
     count = blocks * per_block
     panels = packed.shape[1]
     for p in range(panels):
@@ -299,15 +321,14 @@ def product_abt(c, c_base, c_block_stride, ldc, width, rows, a, a_base, packed, 
         if valid0 == lanes and valid1 == lanes:
             for r0 in range(0, rows, ROWS):
                 shift = r0 * ldc
-                tile(c, off0 + shift, off1 + shift, ldc, a, a_base + r0 * inner, inner,
-                     packed, b_off, panel_width, inner, min(ROWS, rows - r0), vectors)  # fmt: skip
+                tile(flat, off0 + shift, off1 + shift, ldc, a_flat, a_base + r0 * inner, inner,
+                     b_flat, b_off, panel_width, inner, min(ROWS, rows - r0), vectors)  # fmt: skip
             continue
-        flat = c.reshape(c.size)
         for r0 in range(0, rows, ROWS):  # a part-valid vector: through the scratch tile
             block = min(ROWS, rows - r0)
             scratch[: block * panel_width] = 0
-            tile(scratch, 0, lanes, panel_width, a, a_base + r0 * inner, inner,
-                 packed, b_off, panel_width, inner, block, vectors)  # fmt: skip
+            tile(scratch, 0, lanes, panel_width, a_flat, a_base + r0 * inner, inner,
+                 b_flat, b_off, panel_width, inner, block, vectors)  # fmt: skip
             for r in range(block):
                 shift = (r0 + r) * ldc
                 for j in range(valid0):
@@ -319,6 +340,15 @@ def product_abt(c, c_base, c_block_stride, ldc, width, rows, a, a_base, packed, 
 
 @jit
 def product_ab(c, rows, a, a_base, a_block_stride, lda, kc, packed, d, k_first, blocks, scratch):
+    """C += sum over blocks of A_g W_d[...]; see :func:`_product_ab`."""
+    _product_ab(
+        c, np.intp(rows), a, np.intp(a_base), np.intp(a_block_stride), np.intp(lda),
+        np.intp(kc), packed, np.intp(d), np.intp(k_first), np.intp(blocks), scratch,
+    )  # fmt: skip
+
+
+@jit
+def _product_ab(c, rows, a, a_base, a_block_stride, lda, kc, packed, d, k_first, blocks, scratch):
     """C += sum over blocks g of A_g W_d[k_first + g kc : ..., :] with W packed by
     :func:`pack_rows`.
 
@@ -331,6 +361,9 @@ def product_ab(c, rows, a, a_base, a_block_stride, lda, kc, packed, d, k_first, 
     count = (width + lanes - 1) // lanes
     panels = packed.shape[1]
     inner = packed.shape[2]
+    c_flat = c.reshape(c.size)  # flat views, as in product_abt
+    a_flat = a.reshape(a.size)
+    b_flat = packed.reshape(packed.size)
     for p in range(panels):
         col0 = 2 * p * lanes
         vectors = 2 if 2 * p + 1 < count else 1
@@ -341,8 +374,8 @@ def product_ab(c, rows, a, a_base, a_block_stride, lda, kc, packed, d, k_first, 
                 b_off = panel + (k_first + g * kc) * panel_width
                 for r0 in range(0, rows, ROWS):
                     c_off = r0 * width + col0
-                    tile(c, c_off, c_off + lanes, width, a, a_off + r0 * lda, lda,
-                         packed, b_off, panel_width, kc, min(ROWS, rows - r0), vectors)  # fmt: skip
+                    tile(c_flat, c_off, c_off + lanes, width, a_flat, a_off + r0 * lda, lda,
+                         b_flat, b_off, panel_width, kc, min(ROWS, rows - r0), vectors)  # fmt: skip
             continue
         for r0 in range(0, rows, ROWS):  # a part-valid vector: through the scratch tile
             block = min(ROWS, rows - r0)
@@ -350,8 +383,8 @@ def product_ab(c, rows, a, a_base, a_block_stride, lda, kc, packed, d, k_first, 
             for g in range(blocks):
                 a_off = a_base + g * a_block_stride + r0 * lda
                 b_off = panel + (k_first + g * kc) * panel_width
-                tile(scratch, 0, lanes, panel_width, a, a_off, lda,
-                     packed, b_off, panel_width, kc, block, vectors)  # fmt: skip
+                tile(scratch, 0, lanes, panel_width, a_flat, a_off, lda,
+                     b_flat, b_off, panel_width, kc, block, vectors)  # fmt: skip
             for r in range(block):
                 for j in range(min(panel_width, width - col0)):
                     c[r0 + r, col0 + j] += scratch[r * panel_width + j]
@@ -400,16 +433,17 @@ def product_one_row(xp, base, gate_stride, hidden, h, packed, d, first, end, scr
     width = packed.shape[4]
     lanes = lanes_of(h)
     chunks = packed.shape[2]
+    flat = xp.reshape(xp.size)
+    b_flat = packed.reshape(packed.size)
     for g in range(4):
         for chunk in range(first, end):
             off = base + g * gate_stride + chunk * width
             b_off = ((d * 4 + g) * chunks + chunk) * inner * width
             valid = min(width, hidden - chunk * width)
             if valid == width:
-                _row_tile(xp, off, off + lanes, 0, h, 0, 0, packed, b_off, width, inner)
+                _row_tile(flat, off, off + lanes, 0, h, 0, 0, b_flat, b_off, width, inner)
                 continue
             scratch[:] = 0  # a part-valid chunk: through the scratch
-            _row_tile(scratch, 0, lanes, 0, h, 0, 0, packed, b_off, width, inner)
-            flat = xp.reshape(xp.size)
+            _row_tile(scratch, 0, lanes, 0, h, 0, 0, b_flat, b_off, width, inner)
             for j in range(valid):
                 flat[off + j] += scratch[j]

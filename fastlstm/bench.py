@@ -762,10 +762,12 @@ def under_load(
     threads_n: int = DEFAULT_THREADS,
     repeats: int = DEFAULT_REPEATS,
     busy: int = 2,
+    settle: float = DEFAULT_SETTLE,
 ) -> dict[str, Any]:
     """Forward time of fastlstm and each peer, alone and next to ``busy`` spinning processes.
 
-    Alternating runs in both conditions; slowdown = loaded median / unloaded median.
+    Alternating runs in both conditions, each timed call after the side settles (as in
+    the grid); slowdown = loaded median / unloaded median.
     """
     chosen = [p for p in peer_names if p in peers.available_peers() and p != "reference"]
     with threads(threads_n, torch_too="torch" in chosen):
@@ -785,6 +787,7 @@ def under_load(
             with context:
                 for _ in range(repeats):
                     for name, call in calls.items():
+                        _settle(call, settle)
                         samples[name].append(_seconds(call))
             medians[condition] = {name: statistics.median(s) for name, s in samples.items()}
     sides = {
@@ -801,6 +804,7 @@ def under_load(
         "threads": threads_n,
         "busy_processes": busy,
         "repeats": repeats,
+        "settle_s": settle,
         "sides": sides,
     }
 
@@ -810,7 +814,8 @@ def format_under_load(result: dict[str, Any]) -> str:
     lines = [
         f"under load: {shape.name} ({shape.label}) forward, {result['dtype']}, "
         f"{result['threads']} threads per side, {result['busy_processes']} busy processes, "
-        f"medians of {result['repeats']} alternating runs",
+        f"medians of {result['repeats']} alternating runs, each after {result['settle_s']:g} s "
+        "of settling",
         f"{'side':<12} {'alone ms':>10} {'loaded ms':>10} {'slowdown':>9}",
     ]
     for name, side in result["sides"].items():

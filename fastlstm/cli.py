@@ -243,6 +243,7 @@ def _run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
                 dtype=args.dtype,
                 threads_n=args.threads,
                 repeats=args.repeats,
+                settle=args.settle,
             )
             print(bench.format_under_load(result), flush=True)
             results["under_load"] = result

@@ -186,8 +186,13 @@ def test_bench_alone_and_bad_arguments(capsys):
 
 def test_bench_under_load_and_cold_start(capsys, tmp_path):
     result = bench.under_load(
-        bench.parse_shape(TINY), peer_names=("torch",), repeats=3, threads_n=int(THREADS)
+        bench.parse_shape(TINY),
+        peer_names=("torch",),
+        repeats=3,
+        threads_n=int(THREADS),
+        settle=0.01,
     )
+    assert result["settle_s"] == 0.01
     assert set(result["sides"]) == {"fastlstm", "torch"}
     for side in result["sides"].values():
         assert all(_positive(side[k]) for k in ("alone_s", "loaded_s", "slowdown"))

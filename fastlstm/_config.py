@@ -17,17 +17,11 @@ FASTMATH = {"nsz"}
 # differently, and results would then depend on how rows are split across threads.
 FASTMATH_REDUCTIONS = FASTMATH | {"reassoc", "contract"}
 
-# A layer's time loops use more than one thread (directions and batch row chunks as
-# tasks, or the BLAS threading a one-row batch's large step) only when they hold at least
-# this many multiply-adds in their recurrent products: below it, waking threads costs more
-# than it saves.
+# A layer's time loops use more than one thread (directions, batch row chunks or a one-row
+# batch's hidden units as tasks), and the GEMMs outside them more than one part, only
+# from this many multiply-adds in their products: below it, waking threads costs more than
+# it saves.
 PARALLEL_MIN_MACS = 4_000_000
-
-# A one-row batch (its per-step product is a BLAS gemv; a batch of rows uses fastlstm's
-# packed micro-kernel) leaves that gemv to the BLAS's threads from this many multiply-adds
-# up, and holds it to one BLAS thread below (OpenBLAS's threaded sgemv gained nothing at
-# 1 x 256 x 1024 here: 19 us either way).
-BLAS_THREADED_STEP_MACS = 32_000_000
 
 # A layer's time loop projects each step's inputs itself (x_t W_ih^T next to h W_hh^T,
 # while the step's gate block is in cache) when one direction's W_ih and W_hh together

@@ -19,12 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fastlstm import _kernels, _packed, _sync
-from fastlstm._config import (
-    BLAS_THREADED_STEP_MACS,
-    FUSED_MAX_WEIGHT_BYTES,
-    PARALLEL_MIN_MACS,
-    SPLIT_PARTS,
-)
+from fastlstm._config import FUSED_MAX_WEIGHT_BYTES, PARALLEL_MIN_MACS, SPLIT_PARTS
 from fastlstm._threads import blas_single_threaded, get_num_threads, run_tasks
 
 
@@ -80,10 +75,12 @@ def _empty(dtype: np.dtype, ndim: int) -> np.ndarray:
 # Large scratch arrays (packed weights, the training caches) are reused across calls:
 # a fresh block of memory costs a page fault per 4 KiB on first touch, every call (measured:
 # packing a 16 MiB W_hh took 11 ms into fresh memory, 4.4 ms into a used block). Free
-# arrays are kept per thread (calls from several threads never share one), at most
-# _KEEP_PER_SHAPE per shape and _KEEP_SHAPES shapes, least recently used first out.
+# arrays are kept per thread, shared by every model on it (calls from several threads
+# never share one), at most _KEEP_PER_SHAPE per shape, _KEEP_SHAPES shapes and _KEEP_BYTES
+# in all, least recently given back first out.
 _KEEP_PER_SHAPE = 2
 _KEEP_SHAPES = 16
+_KEEP_BYTES = 1 << 30  # at most 1 GiB kept per thread (beyond one shape's arrays)
 _MIN_POOLED_BYTES = 1 << 16  # smaller arrays are cheap to allocate
 _local = threading.local()
 
@@ -97,8 +94,15 @@ def _free_lists() -> OrderedDict:
 
 def _take(shape: tuple, dtype: np.dtype) -> np.ndarray:
     """An array of ``shape`` and ``dtype`` with arbitrary contents: a reused one if free."""
-    stack = _free_lists().get((tuple(shape), np.dtype(dtype).str))
-    return stack.pop() if stack else np.empty(shape, dtype)
+    free = _free_lists()
+    key = (tuple(shape), np.dtype(dtype).str)
+    stack = free.get(key)
+    if not stack:
+        return np.empty(shape, dtype)
+    array = stack.pop()
+    if not stack:
+        del free[key]
+    return array
 
 
 def _give(*arrays: np.ndarray) -> None:
@@ -112,7 +116,9 @@ def _give(*arrays: np.ndarray) -> None:
         free.move_to_end(key)
         if len(stack) < _KEEP_PER_SHAPE:
             stack.append(array)
-        while len(free) > _KEEP_SHAPES:
+        while len(free) > _KEEP_SHAPES or (
+            len(free) > 1 and sum(a.nbytes for k in free for a in free[k]) > _KEEP_BYTES
+        ):
             free.popitem(last=False)
 
 
@@ -230,17 +236,19 @@ def _plan(steps: int, batch: int, directions: int, gates: int, out_size: int):
     packed W_hh is shared read-only, so each task runs its whole loop with no
     synchronisation (one fork/join per layer call, as ONNX Runtime splits its batch).
     Each direction's batch is split into as many row chunks as there are threads per
-    direction, keeping at least one register block of rows per chunk. One row (B = 1)
-    cannot be split: its gemv is threaded by the BLAS when a step is large.
+    direction, keeping at least one register block of rows per chunk (a batch of one row
+    takes :func:`one_row_plan` unless it has a projection or full peepholes). The BLAS is
+    always held to one thread inside the engine (see :func:`forward`), so the third item is
+    always True.
     """
     threads = get_num_threads()
     step_macs = batch * gates * out_size
     serial = [(d, 0, batch) for d in range(directions)]
     if threads < 2 or steps * directions * step_macs < PARALLEL_MIN_MACS:
-        return serial, False, False
+        return serial, False, True
     chunks = max(1, min(threads // directions, batch // _packed.ROWS))
     if directions * chunks < 2:
-        return serial, False, step_macs < BLAS_THREADED_STEP_MACS
+        return serial, False, True
     bounds = [batch * part // chunks for part in range(chunks + 1)]
     tasks = [(d, bounds[i], bounds[i + 1]) for d in range(directions) for i in range(chunks)]
     return tasks, True, True
@@ -264,7 +272,10 @@ def one_row_plan(steps: int, directions: int, gates: int, out_size: int, chunks:
 
 
 def layer_forward_one_row(args: tuple, tasks: list, parties: int, parallel: bool) -> None:
-    """A one-row batch's forward loops (see one_row_plan); parties > 1 needs parallel."""
+    """A one-row batch's forward loops (see one_row_plan)."""
+    if parties > 1 and (not parallel or len(tasks) != parties):
+        # Each party waits for the others every step: they must all run at once.
+        raise ValueError(f"{parties} parties need {parties} parallel tasks, got {tasks}")
     *arrays, state, counter, training = args
     calls = [(*arrays, *task, state, counter, parties, training) for task in tasks]
     if parallel:
@@ -304,6 +315,22 @@ def _time_loops(timings, name, serial, parallel, args, tasks, in_parallel, blas_
         _timed(timings, name, parallel if in_parallel else serial, args, tasks)
 
 
+def _blas_held(function):
+    """Run ``function`` with every BLAS held to one thread (on the main thread; see
+    :func:`fastlstm._threads.blas_single_threaded`). The engine's parallelism is its own
+    tasks: a threaded BLAS would sum some products in another order than one thread (results
+    must not depend on the thread count) and leave threads spinning that take a core from
+    the time loops."""
+
+    @functools.wraps(function)
+    def held(*args, **kwargs):
+        with blas_single_threaded():
+            return function(*args, **kwargs)
+
+    return held
+
+
+@_blas_held
 def forward(
     layers: list[LayerArrays],
     x: np.ndarray,
@@ -379,6 +406,7 @@ def forward(
     return out, h_n, c_n, caches
 
 
+@_blas_held
 def backward(
     layers: list[LayerArrays],
     grads: list[LayerArrays],
@@ -426,7 +454,8 @@ def backward(
         )
         # This cache serves one backward: its arrays go back to the workspace.
         _give(*packed, dhstore, cache.xp, cache.hprev, cache.cstate, cache.mstore)
-        cache.xp = cache.hprev = cache.cstate = cache.mstore = _empty(dtype, 4)
+        cache.xp = cache.hprev = cache.mstore = _empty(dtype, 4)
+        cache.cstate = _empty(dtype, 3)
         if k > 0:
             below = caches[k - 1].mask
             d_layer_in = d_layer_in.reshape(steps, batch, -1)

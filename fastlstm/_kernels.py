@@ -310,8 +310,9 @@ def _forward_rows(
     c_new = np.empty_like(c)
     m_proj = np.empty((rows if has_proj else 0, hidden), dtype=c.dtype)
     p_i, p_f, p_o = _tiled_peepholes(peep, d, rows)
-    # A batch of one row: the BLAS's gemv streams W_hh better than a one-row register tile.
-    # (Decided by the whole batch, so a row's arithmetic never depends on the row split.)
+    # A batch of one row here has a projection or full peepholes (others take
+    # layer_forward_one_row): one BLAS gemv per step. (Decided by the whole batch, so a
+    # row's arithmetic never depends on the row split.)
     gemv = lengths.shape[0] == 1
     step_sum = np.empty((rows if gemv else 0, 4 * hidden), dtype=c.dtype)
     scratch = np.empty(2 * ROWS * 32 // c.itemsize, dtype=c.dtype)

@@ -23,7 +23,7 @@ from numba.extending import intrinsic
 
 from fastlstm._config import jit
 
-try:  # POSIX; elsewhere the one-row loops stay on one thread (see available())
+try:  # POSIX; elsewhere one_row_plan never splits (AVAILABLE is False)
     _libc = ctypes.CDLL(None)
     llvm.add_symbol("fastlstm_sched_yield", ctypes.cast(_libc.sched_yield, ctypes.c_void_p).value)
     AVAILABLE = True
@@ -60,8 +60,7 @@ def _atomic_load(typingctx, counter):
     return types.int64(counter), codegen
 
 
-@jit
-def arrive_and_wait(counter, target):
+def _arrive_and_wait(counter, target):
     """Count this thread's arrival, then wait until ``counter[0] >= target``."""
     _atomic_add(counter, 1)
     spins = 0
@@ -69,3 +68,15 @@ def arrive_and_wait(counter, target):
         spins += 1
         if spins > SPINS_BEFORE_YIELD:
             _sched_yield()
+
+
+def _arrive_and_spin(counter, target):
+    """The same without yielding, where sched_yield is missing (never waits: the one-row
+    loops are not split there, and kernels compiled with a call to an unregistered symbol
+    would crash)."""
+    _atomic_add(counter, 1)
+    while _atomic_load(counter) < target:
+        pass
+
+
+arrive_and_wait = jit(_arrive_and_wait if AVAILABLE else _arrive_and_spin)

@@ -32,6 +32,17 @@ _held_counts: list[int] = []
 _num_threads = max(1, min(os.cpu_count() or 1, numba.config.NUMBA_NUM_THREADS))
 
 
+def _forget_pool_after_fork() -> None:
+    # A forked child inherits the executor but not its worker threads: tasks submitted
+    # there would never run. It starts a pool of its own on first use.
+    global _pool, _pool_size, _lock
+    _pool, _pool_size, _lock = None, 0, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_after_fork)
+
+
 def _blas_libraries(refresh: bool = False) -> list:
     """The loaded BLAS libraries (looked up once; again with ``refresh``)."""
     global _controller
@@ -87,8 +98,12 @@ def run_tasks(function: Callable[..., None], tasks: Sequence[tuple]) -> None:
     try:
         function(*tasks[0])
     finally:
-        for future in futures:
-            future.result()
+        # Wait for every task before raising any error: a task still running would go on
+        # writing into the caller's arrays.
+        errors = [future.exception() for future in futures]
+    for error in errors:
+        if error is not None:
+            raise error
 
 
 @contextlib.contextmanager

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import time
+
 import numba
+import numpy as np
 import pytest
 from threadpoolctl import threadpool_info
 
 import fastlstm as fl
-from fastlstm._threads import blas_single_threaded
+from fastlstm._threads import blas_single_threaded, run_tasks
 
 
 @pytest.fixture
@@ -78,3 +82,57 @@ def test_nested_holds_restore_once_and_other_threads_change_nothing(restore_thre
     worker.join(10)
     assert seen and all(count == 2 for count in seen[0])
     assert all(count == 2 for count in blas_thread_counts())
+
+
+def test_run_tasks_waits_for_every_task_before_raising():
+    finished = []
+
+    def task(kind):
+        if kind == "fail":
+            raise RuntimeError("task failed")
+        time.sleep(0.2)
+        finished.append(kind)
+
+    with pytest.raises(RuntimeError, match="task failed"):
+        run_tasks(task, [("fail",), ("slow",)])
+    assert finished == ["slow"]  # the other task ran to its end first
+
+
+def _child_forward(queue):
+    fl.set_num_threads(2)
+    model = fl.LSTM(16, 64, seed=0).eval()
+    x = np.ones((50, 24, 16), np.float32)  # large enough for two row chunks
+    queue.put(float(model(x)[0].sum()))
+
+
+def test_a_forked_child_runs_parallel_loops(restore_threads):
+    """The task pool is rebuilt in a forked child (it inherits no worker threads)."""
+    fl.set_num_threads(2)
+    model = fl.LSTM(16, 64, seed=0).eval()
+    expected = float(model(np.ones((50, 24, 16), np.float32))[0].sum())  # pool started
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_child_forward, args=(queue,))
+    child.start()
+    child.join(timeout=120)
+    assert child.exitcode == 0
+    assert queue.get(timeout=5) == expected
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_results_do_not_depend_on_the_thread_count_below_the_parallel_threshold(
+    rng, restore_threads, batch
+):
+    """Small enough for one task and one part: the BLAS is still held to one thread, so
+    float32 sums come out the same (a threaded BLAS rounded the input projection here)."""
+    model = fl.LSTM(40, 30, seed=3)
+    x = rng.standard_normal((300 // batch, batch, 40)).astype(np.float32)
+    results = []
+    for threads in (1, 2):
+        fl.set_num_threads(threads)
+        model.zero_grad()
+        out, (h_n, c_n) = model(x)
+        dx = model.backward(np.ones_like(out))[0]
+        results.append([out, h_n, c_n, dx, *(g.copy() for g in model.grads.values())])
+    for got, want in zip(results[1], results[0], strict=True):
+        np.testing.assert_array_equal(got, want)

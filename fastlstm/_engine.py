@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fastlstm import _kernels, _packed, _sync
-from fastlstm._config import FUSED_MAX_WEIGHT_BYTES, PARALLEL_MIN_MACS, SPLIT_PARTS
+from fastlstm._config import FUSED_MAX_WEIGHT_BYTES, PARALLEL_MIN_MACS, SMALL_ROW_MACS, SPLIT_PARTS
 from fastlstm._threads import blas_single_threaded, get_num_threads, run_tasks
 
 
@@ -173,10 +173,20 @@ def _parts(macs: int) -> int:
     return SPLIT_PARTS if macs >= PARALLEL_MIN_MACS else 1
 
 
+def _held_blas():
+    """Every BLAS call of the engine runs inside this: the BLAS held to one thread (on the
+    main thread; see :func:`fastlstm._threads.blas_single_threaded`). The engine's
+    parallelism is its own tasks: a threaded BLAS would sum some products in another order
+    than one thread (results must not depend on the thread count) and leave threads
+    spinning that take a core from the time loops. Phases that call no BLAS (the packed
+    products, tiny weight gradients) skip the hold, which costs a few microseconds."""
+    return blas_single_threaded()
+
+
 def _run_parts(function, calls: list[tuple]) -> None:
     """``function(*call)`` for every part, at once on fastlstm's threads when there are
     two or more, else one after another; the BLAS on one thread in each either way."""
-    with blas_single_threaded():
+    with _held_blas():
         if get_num_threads() >= 2:
             run_tasks(function, calls)
         else:
@@ -195,7 +205,8 @@ def _project_inputs(xp, inputs, w_ih, bias) -> None:
     rows, width = inputs.shape
     parts = min(_parts(rows * width * w_ih.shape[0] * w_ih.shape[1]), steps)
     if parts < 2:
-        _kernels.project_inputs(xp, inputs, w_ih, bias, 0, steps)
+        with _held_blas():
+            _kernels.project_inputs(xp, inputs, w_ih, bias, 0, steps)
         return
     bounds = [steps * part // parts for part in range(parts + 1)]
     calls = [(xp, inputs, w_ih, bias, bounds[i], bounds[i + 1]) for i in range(parts)]
@@ -237,21 +248,21 @@ def _plan(steps: int, batch: int, directions: int, gates: int, out_size: int):
     synchronisation (one fork/join per layer call, as ONNX Runtime splits its batch).
     Each direction's batch is split into as many row chunks as there are threads per
     direction, keeping at least one register block of rows per chunk (a batch of one row
-    takes :func:`one_row_plan` unless it has a projection or full peepholes). The BLAS is
-    always held to one thread inside the engine (see :func:`forward`), so the third item is
-    always True.
+    takes :func:`one_row_plan` unless it has a projection or full peepholes). The third
+    item says whether the loops call the BLAS (a one-row batch's gemv): then it is held to
+    one thread around them, as everywhere in the engine (see :func:`_held_blas`).
     """
     threads = get_num_threads()
     step_macs = batch * gates * out_size
     serial = [(d, 0, batch) for d in range(directions)]
     if threads < 2 or steps * directions * step_macs < PARALLEL_MIN_MACS:
-        return serial, False, True
+        return serial, False, batch == 1
     chunks = max(1, min(threads // directions, batch // _packed.ROWS))
     if directions * chunks < 2:
-        return serial, False, True
+        return serial, False, batch == 1
     bounds = [batch * part // chunks for part in range(chunks + 1)]
     tasks = [(d, bounds[i], bounds[i + 1]) for d in range(directions) for i in range(chunks)]
-    return tasks, True, True
+    return tasks, True, batch == 1
 
 
 def one_row_plan(steps: int, directions: int, gates: int, out_size: int, chunks: int):
@@ -315,22 +326,6 @@ def _time_loops(timings, name, serial, parallel, args, tasks, in_parallel, blas_
         _timed(timings, name, parallel if in_parallel else serial, args, tasks)
 
 
-def _blas_held(function):
-    """Run ``function`` with every BLAS held to one thread (on the main thread; see
-    :func:`fastlstm._threads.blas_single_threaded`). The engine's parallelism is its own
-    tasks: a threaded BLAS would sum some products in another order than one thread (results
-    must not depend on the thread count) and leave threads spinning that take a core from
-    the time loops."""
-
-    @functools.wraps(function)
-    def held(*args, **kwargs):
-        with blas_single_threaded():
-            return function(*args, **kwargs)
-
-    return held
-
-
-@_blas_held
 def forward(
     layers: list[LayerArrays],
     x: np.ndarray,
@@ -406,7 +401,6 @@ def forward(
     return out, h_n, c_n, caches
 
 
-@_blas_held
 def backward(
     layers: list[LayerArrays],
     grads: list[LayerArrays],
@@ -510,7 +504,10 @@ def _weight_gradients(layer, grad, cache, dhstore):
     # must not depend on the thread count.)
     parts = _parts(rows * gates * directions * (2 * width + layer.w_hh.shape[2]))
     if parts < 2:
-        _kernels.weight_gradients(*args, 0, 1)
+        # Tiny sizes take the kernel's own row loops (no BLAS, no hold to pay for).
+        small = gates * (width + layer.w_hh.shape[2]) <= SMALL_ROW_MACS
+        with _held_blas() if not small else contextlib.nullcontext():
+            _kernels.weight_gradients(*args, 0, 1)
     else:
         _run_parts(_kernels.weight_gradients, [(*args, part, parts) for part in range(parts)])
     for part in (grad.b_ih, grad.b_hh, grad.b_ch):

@@ -28,7 +28,8 @@ _pool_size = 0
 # and the BLAS hold are shared, so both change under this lock.
 _lock = threading.Lock()
 _hold_depth = 0
-_held_counts: list[int] = []
+_held: list[tuple] = []  # (library, thread count before the hold) of the libraries held
+_blas: list = []
 _num_threads = max(1, min(os.cpu_count() or 1, numba.config.NUMBA_NUM_THREADS))
 
 
@@ -45,10 +46,11 @@ if hasattr(os, "register_at_fork"):
 
 def _blas_libraries(refresh: bool = False) -> list:
     """The loaded BLAS libraries (looked up once; again with ``refresh``)."""
-    global _controller
+    global _controller, _blas
     if _controller is None or refresh:
         _controller = ThreadpoolController()
-    return [lib for lib in _controller.lib_controllers if lib.user_api == "blas"]
+        _blas = [lib for lib in _controller.lib_controllers if lib.user_api == "blas"]
+    return _blas
 
 
 def set_num_threads(n: int) -> None:
@@ -115,15 +117,18 @@ def blas_single_threaded() -> Iterator[None]:
     On other threads the block runs with the BLAS as it is (correct, possibly
     oversubscribed). Holds nest on the main thread; the outermost restores.
     """
-    global _hold_depth, _held_counts
+    global _hold_depth, _held
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     with _lock:
         if _hold_depth == 0:
             libraries = _blas_libraries()
-            _held_counts = [lib.get_num_threads() for lib in libraries]
-            for lib in libraries:
+            # Only libraries not already on one thread are set (each call costs about a
+            # microsecond, and a forward holds once).
+            _held = [(lib, lib.get_num_threads()) for lib in libraries]
+            _held = [(lib, count) for lib, count in _held if count != 1]
+            for lib, _ in _held:
                 lib.set_num_threads(1)
         _hold_depth += 1
     try:
@@ -132,5 +137,5 @@ def blas_single_threaded() -> Iterator[None]:
         with _lock:
             _hold_depth -= 1
             if _hold_depth == 0:
-                for lib, count in zip(_blas_libraries(), _held_counts, strict=True):
+                for lib, count in _held:
                     lib.set_num_threads(count)

@@ -63,17 +63,20 @@ def fma(typingctx, a, b, c):
 
 @intrinsic
 def _pow2(typingctx, n):
-    """2**n for a whole float32 n in [-126, 127], built from the exponent bits (vectorises)."""
-    if n != types.float32:
+    """2**n for a whole n in the normal exponent range of its float type (float32: -126 to
+    127, float64: -1022 to 1023), built from the exponent bits (vectorises)."""
+    if n not in (types.float32, types.float64):
         return None
+    wide = n == types.float64
+    bits_type = ir.IntType(64 if wide else 32)
+    bias, shift = (1023, 52) if wide else (127, 23)
 
     def codegen(context, builder, signature, args):
-        int32 = ir.IntType(32)
-        exponent = builder.add(builder.fptosi(args[0], int32), ir.Constant(int32, 127))
-        bits = builder.shl(exponent, ir.Constant(int32, 23))
-        return builder.bitcast(bits, ir.FloatType())
+        exponent = builder.add(builder.fptosi(args[0], bits_type), ir.Constant(bits_type, bias))
+        bits = builder.shl(exponent, ir.Constant(bits_type, shift))
+        return builder.bitcast(bits, ir.DoubleType() if wide else ir.FloatType())
 
-    return types.float32(n), codegen
+    return n(n), codegen
 
 
 # exp for float32 (Cephes expf): x = n ln2 + r, |r| <= ln2 / 2, exp(r) by a degree-7 polynomial.
@@ -139,21 +142,6 @@ def _tanh_f32(x):
     return -_ONE if x < -_SATURATE else y
 
 
-@intrinsic
-def _pow2_f64(typingctx, n):
-    """2**n for a whole float64 n in [-1022, 1023], built from the exponent bits (vectorises)."""
-    if n != types.float64:
-        return None
-
-    def codegen(context, builder, signature, args):
-        int64 = ir.IntType(64)
-        exponent = builder.add(builder.fptosi(args[0], int64), ir.Constant(int64, 1023))
-        bits = builder.shl(exponent, ir.Constant(int64, 52))
-        return builder.bitcast(bits, ir.DoubleType())
-
-    return types.float64(n), codegen
-
-
 # exp for float64 (Cephes exp): x = n ln2 + r, |r| <= ln2 / 2, exp(r) = (Q + rP) / (Q - rP)
 # with P, Q polynomials in r^2 (a Pade form, about 1 ulp). Kept as a fraction so that
 # sigmoid and tanh spend one division each.
@@ -187,7 +175,7 @@ def _exp_fraction_f64(a):
     rr = r * r
     p = r * fma(fma(_D_P0, rr, _D_P1), rr, _D_P2)
     q = fma(fma(fma(_D_Q0, rr, _D_Q1), rr, _D_Q2), rr, _D_Q3)
-    return _pow2_f64(n) * (q + p), q - p
+    return _pow2(n) * (q + p), q - p
 
 
 def _sigmoid_f64(x):

@@ -470,6 +470,17 @@ def run_forward_backward(model, x, state, lengths, dout, dh_n, dc_n):
     return results
 
 
+def assert_matches_reference(results, model, args):
+    """``results`` of run_forward_backward(model, *args) agree with fastlstm.reference."""
+    x, state, lengths, dout, dh_n, dc_n = args
+    r_out, (r_h, r_c), cache = reference_run(model, x, state, lengths)
+    r_dx, (r_dh0, r_dc0), r_grads = ref.lstm_backward(dout, dh_n, dc_n, cache)
+    expected = {"out": r_out, "h_n": r_h, "c_n": r_c, "dx": r_dx, "dh0": r_dh0, "dc0": r_dc0}
+    expected |= {f"grad {name}": value for name, value in r_grads.items()}
+    for name, value in expected.items():
+        assert_close(results[name], value, model.dtype, what=name)
+
+
 def compare_serial_and_parallel(rng, kernel_calls, model, batch, lengths, *, ulps=0):
     """One forward/backward with 1 thread, one with 2, and the parallel one vs the reference.
 
@@ -512,12 +523,7 @@ def compare_serial_and_parallel(rng, kernel_calls, model, batch, lengths, *, ulp
             atol = ulps * np.finfo(dtype).eps * np.abs(value).max()
             np.testing.assert_allclose(parallel[name], value, rtol=0, atol=atol, err_msg=name)
 
-    r_out, (r_h, r_c), cache = reference_run(model, x, state, lengths)
-    r_dx, (r_dh0, r_dc0), r_grads = ref.lstm_backward(dout, dh_n, dc_n, cache)
-    expected = {"out": r_out, "h_n": r_h, "c_n": r_c, "dx": r_dx, "dh0": r_dh0, "dc0": r_dc0}
-    expected |= {f"grad {name}": value for name, value in r_grads.items()}
-    for name, value in expected.items():
-        assert_close(parallel[name], value, dtype, what=name)
+    assert_matches_reference(parallel, model, args)
 
 
 PARALLEL_CASES = {
@@ -657,12 +663,7 @@ def test_one_row_batch_splits_hidden_units_bit_identically(
     assert seen[2:] == [split] * 2
     for name, value in serial.items():
         np.testing.assert_array_equal(parallel[name], value, err_msg=name)
-    r_out, (r_h, r_c), cache = reference_run(model, x, state, lengths)
-    r_dx, (r_dh0, r_dc0), r_grads = ref.lstm_backward(dout, dh_n, dc_n, cache)
-    expected = {"out": r_out, "h_n": r_h, "c_n": r_c, "dx": r_dx, "dh0": r_dh0, "dc0": r_dc0}
-    expected |= {f"grad {name}": value for name, value in r_grads.items()}
-    for name, value in expected.items():
-        assert_close(parallel[name], value, dtype, what=name)
+    assert_matches_reference(parallel, model, args)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,10 +1,13 @@
-"""Stacked-LSTM forward and backward over validated arrays: GEMMs in NumPy, time loops in kernels.
+"""Stacked-LSTM forward and backward over validated arrays: the plan, the packing, the calls.
 
 The public classes validate and lay out their inputs, then call :func:`forward` and
 :func:`backward` here with time-major, C-contiguous arrays in the model's dtype. Per layer:
-one GEMM for the input projection of every step and both directions, one kernel call for
-the time loops, and (backward) one GEMM each for dx and the weight gradients. The only
-Python loop is over layers.
+pack the weights for the micro-kernel (:mod:`fastlstm._packed`), plan the tasks (row
+chunks, directions, or a one-row batch's hidden units), run the time loops (which project
+each step's inputs themselves unless the batch is one row or the weights are large: then
+one GEMM over all steps first), and after the backward loop the weight gradients as GEMMs
+over all steps. Large scratch arrays come from a per-thread workspace. The only Python loop
+is over layers.
 """
 
 from __future__ import annotations

@@ -1,13 +1,14 @@
 """Thread control: fastlstm's task pool and the BLAS libraries' pools, set together.
 
-fastlstm runs on two kinds of threads: its own (parallel time loops: one task per
-direction and batch chunk, each a GIL-free Numba kernel over the whole sequence) and the
-BLAS's (large GEMMs). On a small machine they must not stack up: while tasks run, each
-calls BLAS on its own rows, so BLAS is held to one thread for that span.
+fastlstm runs its parallel work on its own threads: time loops as tasks (directions, batch
+row chunks, or a one-row batch's hidden units), each a GIL-free Numba kernel over the whole
+sequence, and the GEMMs outside the loops in parts. The BLAS is held to one thread
+around every engine call into it: on two cores the pools must not stack up, and OpenBLAS's
+threads keep spinning after a call and take a core from the tasks that follow.
 
 The task pool is a plain thread pool whose idle workers block. Numba's OpenMP workers
-spin for a while after each parallel region, which on two cores takes the CPU from the
-BLAS threads of whatever runs next, and collapses when other processes want the cores.
+spin for a while after each parallel region, which on two cores takes the CPU from
+whatever runs next, and collapses when other processes want the cores.
 """
 
 from __future__ import annotations

@@ -743,6 +743,17 @@ def weight_gradients(
 
 
 @jit
+def one_row_products_only(xp, h, packed, first, end, steps):
+    """The one-row loop's products alone (for the profiler): ``steps`` times, what one task
+    of :func:`layer_forward_one_row` multiplies per step, hidden chunks first..end-1 of
+    direction 0; xp (1, 4, 1, H), h (P,), packed from pack_units."""
+    scratch = np.empty(packed.shape[4], dtype=xp.dtype)
+    hidden = xp.shape[3]
+    for _ in range(steps):
+        product_one_row(xp, 0, hidden, hidden, h, packed, 0, first, end, scratch)
+
+
+@jit
 def recurrent_products_only(xp, x, h, w_hh, packed_ih, packed_hh, gemv, steps):
     """The forward time loop's matrix products alone (for the profiler's phase split).
 

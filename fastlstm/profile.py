@@ -123,24 +123,46 @@ def _recurrent_tasks(lstm: fl.LSTM, shape: Shape, plan: list, rng) -> list[list[
     return layers
 
 
-def _time_recurrent(layers: list[list[tuple]], parallel: bool, blas_single: bool) -> float:
+def _one_row_tasks(lstm: fl.LSTM, shape: Shape, plan: list, rng) -> list[list[tuple]]:
+    """Per layer, the argument sets of ``one_row_products_only``, one per task of the
+    engine's one-row plan (direction, first chunk, end chunk)."""
+    dtype = lstm.dtype
+    layers = []
+    for layer in lstm._layers:
+        tasks = []
+        for d, first, end in plan:
+            packed = _engine._pack_units(np.ascontiguousarray(layer.w_hh[d : d + 1]))
+            h = (0.5 * rng.standard_normal(layer.w_hh.shape[2])).astype(dtype)
+            xp = np.zeros((1, 4, 1, lstm.hidden_size), dtype)
+            tasks.append((xp, h, packed, first, end, shape.seq))
+        layers.append(tasks)
+    return layers
+
+
+def _time_recurrent(
+    layers: list[list[tuple]], parallel: bool, blas_single: bool, kernel=None
+) -> float:
     """Seconds to run every layer's products as the engine runs its time loops: a layer's
     tasks at once on fastlstm's pool, or one by one; BLAS held to one thread or not."""
+    kernel = kernel or _kernels.recurrent_products_only
     start = time.perf_counter()
     with blas_single_threaded() if blas_single else contextlib.nullcontext():
         for tasks in layers:
             if parallel:
-                run_tasks(_kernels.recurrent_products_only, tasks)
+                run_tasks(kernel, tasks)
             else:
                 for task in tasks:
-                    _kernels.recurrent_products_only(*task)
+                    kernel(*task)
     return time.perf_counter() - start
 
 
 def _plan_text(plan: dict[str, Any], threads_n: int) -> str:
     blas = "BLAS held to 1 thread" if plan["blas_single"] else f"BLAS on {threads_n} threads"
+    if plan["one_row"]:
+        blas = "no BLAS in the loop"
+    unit = "hidden chunks" if plan["one_row"] else "rows"
     if plan["tasks"]:
-        spans = ", ".join(f"direction {d} rows {a}..{b - 1}" for d, a, b in plan["tasks"])
+        spans = ", ".join(f"direction {d} {unit} {a}..{b - 1}" for d, a, b in plan["tasks"])
         return f"{len(plan['tasks'])} parallel tasks on fastlstm's thread pool ({spans}); {blas}"
     if threads_n < 2:
         return f"serial on the calling thread (1 thread); {blas}"
@@ -246,14 +268,22 @@ def profile(
         out_size = lstm.proj_size or shape.hidden
         # The engine's plan: tasks (direction, first row, end row), run in parallel or one
         # after another, BLAS held to one thread or not.
-        plan, parallel, blas_single = _engine._plan(
-            shape.seq, shape.batch, directions, gates, out_size
-        )
-        tasks = _recurrent_tasks(lstm, shape, plan, rng)
-        recurrent_first = _first_call(lambda: _time_recurrent([tasks[0][:1]], False, False))
-        _time_recurrent(tasks, parallel, blas_single)  # warm-up (pool threads, caches)
+        one_row = shape.batch == 1  # the profiled models have no projection or peepholes
+        if one_row:
+            chunks = _packed.units_shape(lstm._layers[0].w_hh.shape, dtype.itemsize)[2]
+            plan, _, parallel = _engine.one_row_plan(shape.seq, directions, gates, out_size, chunks)
+            blas_single, kernel = False, _kernels.one_row_products_only
+            tasks = _one_row_tasks(lstm, shape, plan, rng)
+        else:
+            plan, parallel, blas_single = _engine._plan(
+                shape.seq, shape.batch, directions, gates, out_size
+            )
+            kernel = _kernels.recurrent_products_only
+            tasks = _recurrent_tasks(lstm, shape, plan, rng)
+        recurrent_first = _first_call(lambda: _time_recurrent([tasks[0][:1]], False, False, kernel))
+        _time_recurrent(tasks, parallel, blas_single, kernel)  # warm-up (pool, caches)
         recurrent_s = statistics.fmean(
-            _time_recurrent(tasks, parallel, blas_single) for _ in range(repeats)
+            _time_recurrent(tasks, parallel, blas_single, kernel) for _ in range(repeats)
         )
         machine = machine_info()
         machine["fastlstm_threads"] = fl.get_num_threads()
@@ -284,7 +314,10 @@ def profile(
             "blas_single": bool(blas_single),
             "directions": directions,
             "macs": shape.seq * shape.batch * directions * gates * out_size,
-            "recurrent_kernel": "BLAS gemv" if shape.batch == 1 else "packed micro-kernel",
+            "recurrent_kernel": (
+                "one-row micro-kernel, hidden units split" if one_row else "packed micro-kernel"
+            ),
+            "one_row": one_row,
             "fused_input_projection": fused,
             "numba_parallel_kernels": any(d.targetoptions.get("parallel") for d in _dispatchers()),
         },
@@ -382,7 +415,8 @@ def format_profile(result: dict[str, Any]) -> str:
     )
     lines.append(line("total (public call)", total, work_total))
     lines.append(
-        "  * an estimate: the loop's products timed alone with _kernels.recurrent_products_only"
+        "  * an estimate: the loop's products timed alone (_kernels.recurrent_products_only,"
+        " one_row_products_only)"
     )
     lines.append("    (same sizes, dtype and threading as the loop); gate math is the remainder.")
 

@@ -265,6 +265,7 @@ def test_profile_prints_every_phase_and_the_thread_config(capsys, tmp_path, extr
     assert fused == ("--batch" not in extra)
     assert _positive(phases["input_gemm"]) != fused and _positive(phases["time_loop"])
     assert ("inside time_loop" in text) == fused
+    assert result["plan"]["one_row"] == ("one-row micro-kernel" in text) == ("--batch" in extra)
     if "--train" in extra:
         assert _positive(phases["backward_time_loop"]) and _positive(phases["weight_gradients"])
     assert _positive(phases["dropout"]) == ("--dropout" in extra)

@@ -137,6 +137,12 @@ def _pack_units(w: np.ndarray) -> np.ndarray:
     return packed
 
 
+def _pack_units_rows(w: np.ndarray) -> np.ndarray:
+    packed = _take(_packed.units_rows_shape(w.shape, w.itemsize), w.dtype)
+    _packed.pack_units_rows(packed, w)
+    return packed
+
+
 def _pack_rows(w: np.ndarray) -> np.ndarray:
     packed = _take(_packed.rows_shape(w.shape, w.itemsize), w.dtype)
     _packed.pack_rows(packed, w)
@@ -287,16 +293,9 @@ def one_row_plan(steps: int, directions: int, gates: int, out_size: int, chunks:
 
 def layer_forward_one_row(args: tuple, tasks: list, parties: int, parallel: bool) -> None:
     """A one-row batch's forward loops (see one_row_plan)."""
-    if parties > 1 and (not parallel or len(tasks) != parties):
-        # Each party waits for the others every step: they must all run at once.
-        raise ValueError(f"{parties} parties need {parties} parallel tasks, got {tasks}")
     *arrays, state, counter, training = args
     calls = [(*arrays, *task, state, counter, parties, training) for task in tasks]
-    if parallel:
-        run_tasks(_kernels.layer_forward_one_row, calls)
-    else:
-        for call in calls:
-            _kernels.layer_forward_one_row(*call)
+    _run_one_row(_kernels.layer_forward_one_row, calls, parties, parallel)
 
 
 def layer_forward_serial(args: tuple, tasks: list[tuple[int, int, int]]) -> None:
@@ -435,17 +434,23 @@ def backward(
         has_proj = layer.w_hr is not None
         dhstore = _take((directions, steps, batch, out_size) if has_proj else (0,) * 4, dtype)
         rows = slice(k * directions, (k + 1) * directions)
-        packed = _timed(timings, "pack_weights", backward_panels, layer, batch)
-        args = (
-            cache.xp, dh0[rows], dc0[rows], dhstore, np.ascontiguousarray(d_layer_out),
-            dh_n[rows], dc_n[rows], cache.cstate, cache.c0,
-            layer.w_hh, packed, _optional(layer.w_hr, dtype), _optional(layer.peep, dtype),
-            _optional(layer.w_ch, dtype), lengths,
-        )  # fmt: skip
-        _time_loops(
-            timings, "backward_time_loop", layer_backward_serial, layer_backward_parallel,
-            args, tasks, in_parallel, blas_single,
-        )  # fmt: skip
+        if batch == 1 and not has_proj and layer.w_ch is None:
+            packed = _backward_one_row(
+                timings, layer, cache, dh0[rows], dc0[rows], np.ascontiguousarray(d_layer_out),
+                dh_n[rows], dc_n[rows], lengths,
+            )  # fmt: skip
+        else:
+            packed = _timed(timings, "pack_weights", backward_panels, layer, batch)
+            args = (
+                cache.xp, dh0[rows], dc0[rows], dhstore, np.ascontiguousarray(d_layer_out),
+                dh_n[rows], dc_n[rows], cache.cstate, cache.c0,
+                layer.w_hh, packed, _optional(layer.w_hr, dtype), _optional(layer.peep, dtype),
+                _optional(layer.w_ch, dtype), lengths,
+            )  # fmt: skip
+            _time_loops(
+                timings, "backward_time_loop", layer_backward_serial, layer_backward_parallel,
+                args, tasks, in_parallel, blas_single,
+            )  # fmt: skip
         d_layer_in = _timed(
             timings, "weight_gradients", _weight_gradients, layer, grad, cache, dhstore
         )
@@ -477,6 +482,38 @@ def _forward_one_row(
     )  # fmt: skip
     _timed(timings, "time_loop", layer_forward_one_row, args, tasks, parties, parallel)
     _give(packed)
+
+
+def _backward_one_row(timings, layer, cache, dh0, dc0, dout, dh_n, dc_n, lengths) -> tuple:
+    """One layer's backward loops for a batch of one row; returns the packed weights."""
+    directions, gates, out_size = layer.w_hh.shape
+    steps = dout.shape[0]
+    packed = _timed(timings, "pack_weights", _pack_units_rows, layer.w_hh)
+    tasks, parties, parallel = one_row_plan(steps, directions, gates, out_size, packed.shape[1])
+    state = np.empty((directions, 2, out_size), layer.w_hh.dtype)
+    state[:, 0] = dh_n[:, 0]
+    counter = np.zeros(1, np.int64)
+    args = (
+        cache.xp, dh0, dc0, dout, dh_n, dc_n, cache.cstate, cache.c0, packed,
+        _optional(layer.peep, layer.w_hh.dtype), lengths,
+    )  # fmt: skip
+    calls = [(*args, *task, state, counter, parties) for task in tasks]
+    _timed(timings, "backward_time_loop", _run_one_row, _kernels.layer_backward_one_row,
+           calls, parties, parallel)  # fmt: skip
+    return (packed,)
+
+
+def _run_one_row(kernel, calls: list[tuple], parties: int, parallel: bool) -> None:
+    """Run a one-row batch's loop calls (see one_row_plan): at once on fastlstm's threads,
+    or one after another."""
+    if parties > 1 and (not parallel or len(calls) != parties):
+        # Each party waits for the others every step: they must all run at once.
+        raise ValueError(f"{parties} parties need {parties} parallel calls, got {len(calls)}")
+    if parallel:
+        run_tasks(kernel, calls)
+    else:
+        for call in calls:
+            kernel(*call)
 
 
 def _dropout_mask(rng, shape, dropout: float, dtype) -> np.ndarray:

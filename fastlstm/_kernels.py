@@ -45,7 +45,13 @@ import numpy as np
 from fastlstm._activations import fma, one, sigmoid, tanh, zero
 from fastlstm._blas import gemm_ab, gemm_abt, gemm_atb
 from fastlstm._config import PROJECTION_BLOCK_ROWS, SMALL_ROW_MACS, jit
-from fastlstm._packed import ROWS, product_ab, product_abt, product_one_row
+from fastlstm._packed import (
+    ROWS,
+    product_ab,
+    product_abt,
+    product_one_row,
+    product_one_row_back,
+)
 from fastlstm._sync import arrive_and_wait
 
 # ----------------------------------------------------------------------------- products
@@ -613,6 +619,66 @@ def layer_forward_one_row(
                 xp[d, g, t, lo:hi] = 0
     _copy1(h_n[d, 0, lo:hi], h[lo:hi])
     _copy1(c_n[d, 0, lo:hi], c)
+
+
+@jit
+def layer_backward_one_row(
+    xp, dh0, dc0, dout, dh_n, dc_n, cstate, c0, packed, peep, lengths,
+    d, first, end, state, counter, parties,
+):  # fmt: skip
+    """Direction d of one layer backward for a batch of one row, hidden chunks first..end-1
+    (as :func:`layer_forward_one_row`): dL/da into xp, dh0 and dc0 for those units.
+
+    Per step each party computes its units' dL/da, waits at the barrier until all have,
+    then its units' dL/dh_{t-1} from every unit's dL/da. ``state`` (D, 2, P) holds dL/dh in
+    turn, state[d, 0] set to dh_n by the caller; ``counter`` (1,) int64 starts at 0. No
+    projection, no full peephole. Padded steps (past the row's length) pass dh and dc
+    through unchanged and get zero dL/da.
+    """
+    steps = xp.shape[2]
+    hidden = c0.shape[2]
+    out_size = dh0.shape[2]
+    width = packed.shape[3]
+    lo = first * width
+    hi = min(hidden, end * width)
+    ocol = d * out_size
+    diagonal = peep.shape[1] > 0
+    run = min(steps, lengths[0])
+    dc = dc_n[d, 0, lo:hi].copy()
+    dm = np.empty_like(dc)
+    if diagonal:
+        p_i, p_f, p_o = peep[d, 0, lo:hi], peep[d, 1, lo:hi], peep[d, 2, lo:hi]
+    else:
+        p_i = p_f = p_o = np.empty(0, dtype=dc.dtype)
+    scratch = np.empty(width, dtype=dc.dtype)
+    gate_stride = xp.shape[2] * xp.shape[3]
+    for t in range(run, steps):  # padding: nothing flows in
+        for g in range(4):
+            for j in range(lo, hi):
+                xp[d, g, t, j] = 0
+    current = 0
+    for s in range(run):
+        t = s if d == 1 else run - 1 - s  # the forward order, reversed
+        t_prev = t + 1 if d == 1 else t - 1
+        dh = state[d, current]
+        dh_next = state[d, 1 - current]
+        for j in range(hi - lo):
+            dm[j] = dh[lo + j] + dout[t, 0, ocol + lo + j]
+        ai = xp[d, 0, t, lo:hi]
+        af = xp[d, 1, t, lo:hi]
+        ag = xp[d, 2, t, lo:hi]
+        ao = xp[d, 3, t, lo:hi]
+        c_t = cstate[d, t, lo:hi]
+        c_prev = cstate[d, t_prev, lo:hi] if 0 <= t_prev < steps else c0[d, 0, lo:hi]
+        _gates_backward(ai, af, ag, ao, dc, dm, c_t, c_prev, p_i, p_f, p_o)
+        if parties > 1:
+            arrive_and_wait(counter, parties * (s + 1))
+        base = d * 4 * gate_stride + t * xp.shape[3]
+        product_one_row_back(dh_next, xp, base, gate_stride, hidden, packed, d, first, end, scratch)
+        current = 1 - current
+    dh = state[d, current]
+    _copy1(dh0[d, 0, lo:hi], dh[lo:hi])
+    _copy1(dc0[d, 0, lo:hi], dc)
 
 
 @jit

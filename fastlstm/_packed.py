@@ -447,3 +447,54 @@ def product_one_row(xp, base, gate_stride, hidden, h, packed, d, first, end, scr
             _row_tile(scratch, 0, lanes, 0, h, 0, 0, b_flat, b_off, width, inner)
             for j in range(valid):
                 flat[off + j] += scratch[j]
+
+
+def units_rows_shape(w_shape: tuple, itemsize: int) -> tuple:
+    """The shape :func:`pack_units_rows` fills for W_hh of ``w_shape`` (D, 4H, P)."""
+    directions, gates, inner = w_shape
+    width = ROW_VECTORS * (_VECTOR_BYTES // itemsize)
+    return (directions, (inner + width - 1) // width, gates, width)
+
+
+@jit
+def pack_units_rows(packed, w):
+    """Fill ``packed`` (:func:`units_rows_shape`) with W (D, 4H, P) for the one-row backward
+    product dA W: packed[d, chunk, n, j] = W[d, n, chunk width + j], zero past P."""
+    directions, gates, inner = w.shape
+    chunks = packed.shape[1]
+    width = packed.shape[3]
+    for d in range(directions):
+        source = w[d]
+        for chunk in range(chunks):
+            target = packed[d, chunk]
+            first = chunk * width
+            valid = min(width, inner - first)
+            for n in range(gates):
+                for j in range(valid):
+                    target[n, j] = source[n, first + j]
+                for j in range(valid, width):
+                    target[n, j] = 0
+
+
+@jit
+def product_one_row_back(dh, xp, base, gate_stride, hidden, packed, d, first, end, scratch):
+    """dh[q] = sum_g sum_u xp.flat[base + g gate_stride + u] W_hh[d, g H + u, q] for the
+    columns q of chunks first..end-1 (overwritten); packed from :func:`pack_units_rows`,
+    scratch (one chunk,)."""
+    width = packed.shape[3]
+    lanes = lanes_of(dh)
+    chunks = packed.shape[1]
+    gates = packed.shape[2]
+    inner = dh.shape[0]
+    flat = xp.reshape(xp.size)
+    b_flat = packed.reshape(packed.size)
+    for chunk in range(first, end):
+        col0 = chunk * width
+        valid = min(width, inner - col0)
+        scratch[:] = 0
+        for g in range(4):
+            b_off = ((d * chunks + chunk) * gates + g * hidden) * width
+            a_off = base + g * gate_stride
+            _row_tile(scratch, 0, lanes, 0, flat, a_off, 0, b_flat, b_off, width, hidden)
+        for j in range(valid):
+            dh[col0 + j] = scratch[j]

@@ -634,18 +634,18 @@ def test_one_row_batch_splits_hidden_units_bit_identically(
     rng, monkeypatch, restore_threads, dtype, options, lengths
 ):
     """A batch of one row: one direction's hidden units in two chunk ranges on two threads
-    with a barrier per step (two directions: one task each) give the numbers of one thread,
-    forward and backward, and match the reference. H = 150: chunks of 64 (float32) or 32
+    with a barrier per step (two directions: one task each), forward and backward loops,
+    give the numbers of one thread and match the reference. H = 150: chunks of 64 (float32) or 32
     (float64) units, the last one part-valid."""
     monkeypatch.setattr(_engine, "PARALLEL_MIN_MACS", 0)
     seen = []
-    real = _engine.layer_forward_one_row
+    real = _engine._run_one_row
 
-    def spy(args, tasks, parties, parallel):
-        seen.append((len(tasks), parties, parallel))
-        return real(args, tasks, parties, parallel)
+    def spy(kernel, calls, parties, parallel):
+        seen.append((kernel.py_func.__name__, len(calls), parties, parallel))
+        return real(kernel, calls, parties, parallel)
 
-    monkeypatch.setattr(_engine, "layer_forward_one_row", spy)
+    monkeypatch.setattr(_engine, "_run_one_row", spy)
     model = fl.LSTM(I, 150, 2, dtype=dtype, seed=14, **options)
     lengths = None if lengths is None else np.asarray(lengths)
     D = 2 if model.bidirectional else 1
@@ -656,11 +656,12 @@ def test_one_row_batch_splits_hidden_units_bit_identically(
     args = (x, state, lengths, dout, dh_n, dc_n)
     fl.set_num_threads(1)
     serial = run_forward_backward(model, *args)
-    assert seen == [(D, 1, False)] * 2
+    loops = ["layer_forward_one_row"] * 2 + ["layer_backward_one_row"] * 2  # two layers
+    assert seen == [(name, D, 1, False) for name in loops]
     fl.set_num_threads(2)
     parallel = run_forward_backward(model, *args)
     split = (2, 2, True) if D == 1 else (2, 1, True)
-    assert seen[2:] == [split] * 2
+    assert seen[4:] == [(name, *split) for name in loops]
     for name, value in serial.items():
         np.testing.assert_array_equal(parallel[name], value, err_msg=name)
     assert_matches_reference(parallel, model, args)

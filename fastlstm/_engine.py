@@ -291,13 +291,6 @@ def one_row_plan(steps: int, directions: int, gates: int, out_size: int, chunks:
     return whole, 1, directions > 1
 
 
-def layer_forward_one_row(args: tuple, tasks: list, parties: int, parallel: bool) -> None:
-    """A one-row batch's forward loops (see one_row_plan)."""
-    *arrays, state, counter, training = args
-    calls = [(*arrays, *task, state, counter, parties, training) for task in tasks]
-    _run_one_row(_kernels.layer_forward_one_row, calls, parties, parallel)
-
-
 def layer_forward_serial(args: tuple, tasks: list[tuple[int, int, int]]) -> None:
     """The forward time loops of one layer on the calling thread, task after task."""
     *arrays, training = args
@@ -478,9 +471,11 @@ def _forward_one_row(
     counter = np.zeros(1, np.int64)
     args = (
         out, h_n, c_n, xp, hprev, cstate, h0, c0, packed,
-        _optional(layer.peep, layer.w_hh.dtype), lengths, state, counter, training,
+        _optional(layer.peep, layer.w_hh.dtype), lengths,
     )  # fmt: skip
-    _timed(timings, "time_loop", layer_forward_one_row, args, tasks, parties, parallel)
+    calls = [(*args, *task, state, counter, parties, training) for task in tasks]
+    _timed(timings, "time_loop", _run_one_row, _kernels.layer_forward_one_row,
+           calls, parties, parallel)  # fmt: skip
     _give(packed)
 
 

@@ -543,6 +543,15 @@ def layer_forward_rows(
 
 
 @jit
+def _peephole_units(peep, d, lo, hi):
+    """Direction d's diagonal peepholes i, f, o for hidden units lo..hi-1 (empty without)."""
+    if peep.shape[1] == 0:
+        empty = np.empty(0, dtype=peep.dtype)
+        return empty, empty, empty
+    return peep[d, 0, lo:hi], peep[d, 1, lo:hi], peep[d, 2, lo:hi]
+
+
+@jit
 def layer_forward_one_row(
     out, h_n, c_n, xp, hprev, cstate, h0, c0, packed, peep, lengths,
     d, first, end, state, counter, parties, training,
@@ -570,10 +579,7 @@ def layer_forward_one_row(
     run = min(steps, lengths[0])
     c = c0[d, 0, lo:hi].copy()
     c_new = np.empty_like(c)
-    if diagonal:
-        p_i, p_f, p_o = peep[d, 0, lo:hi], peep[d, 1, lo:hi], peep[d, 2, lo:hi]
-    else:
-        p_i = p_f = p_o = np.empty(0, dtype=c.dtype)
+    p_i, p_f, p_o = _peephole_units(peep, d, lo, hi)
     scratch = np.empty(width, dtype=c.dtype)
     gate_stride = xp.shape[2] * xp.shape[3]
     one_slot = xp.shape[2] != steps
@@ -642,14 +648,10 @@ def layer_backward_one_row(
     lo = first * width
     hi = min(hidden, end * width)
     ocol = d * out_size
-    diagonal = peep.shape[1] > 0
     run = min(steps, lengths[0])
     dc = dc_n[d, 0, lo:hi].copy()
     dm = np.empty_like(dc)
-    if diagonal:
-        p_i, p_f, p_o = peep[d, 0, lo:hi], peep[d, 1, lo:hi], peep[d, 2, lo:hi]
-    else:
-        p_i = p_f = p_o = np.empty(0, dtype=dc.dtype)
+    p_i, p_f, p_o = _peephole_units(peep, d, lo, hi)
     scratch = np.empty(width, dtype=dc.dtype)
     gate_stride = xp.shape[2] * xp.shape[3]
     for t in range(run, steps):  # padding: nothing flows in

@@ -1,0 +1,116 @@
+"""The micro-kernel's packers against plain NumPy: every lane of the target written
+(targets start as NaN), whole SIMD blocks (register transposes, vector moves) and the
+scalar remainders (sizes that are not multiples of a vector), both dtypes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fastlstm import _packed
+
+DTYPES = [np.float32, np.float64]
+
+
+def lanes(dtype) -> int:
+    return 32 // np.dtype(dtype).itemsize
+
+
+def expected_columns(w: np.ndarray, blocks: int) -> np.ndarray:
+    directions, total, inner = w.shape
+    width = total // blocks
+    per_block = -(-width // lanes(w.dtype))
+    out = np.zeros(_packed.columns_shape(w.shape, blocks, w.itemsize), w.dtype)
+    for d in range(directions):
+        for q in range(blocks * per_block):
+            block, col0 = divmod(q, per_block)
+            col0 *= lanes(w.dtype)
+            valid = min(lanes(w.dtype), width - col0)
+            first = block * width + col0
+            half = (q % 2) * lanes(w.dtype)
+            out[d, q // 2, :, half : half + valid] = w[d, first : first + valid].T
+    return out
+
+
+def expected_units(w: np.ndarray) -> np.ndarray:
+    directions, gates, _ = w.shape
+    hidden = gates // 4
+    out = np.zeros(_packed.units_shape(w.shape, w.itemsize), w.dtype)
+    width = out.shape[4]
+    for d in range(directions):
+        for g in range(4):
+            for chunk in range(out.shape[2]):
+                valid = min(width, hidden - chunk * width)
+                first = g * hidden + chunk * width
+                out[d, g, chunk, :, :valid] = w[d, first : first + valid].T
+    return out
+
+
+def expected_rows(w: np.ndarray) -> np.ndarray:
+    out = np.zeros(_packed.rows_shape(w.shape, w.itemsize), w.dtype)
+    panel_width = out.shape[3]
+    for p in range(out.shape[1]):
+        valid = min(panel_width, w.shape[2] - p * panel_width)
+        out[:, p, :, :valid] = w[:, :, p * panel_width : p * panel_width + valid]
+    return out
+
+
+def expected_units_rows(w: np.ndarray) -> np.ndarray:
+    out = np.zeros(_packed.units_rows_shape(w.shape, w.itemsize), w.dtype)
+    width = out.shape[3]
+    for chunk in range(out.shape[1]):
+        valid = min(width, w.shape[2] - chunk * width)
+        out[:, chunk, :, :valid] = w[:, :, chunk * width : chunk * width + valid]
+    return out
+
+
+def packed_by(pack, shape: tuple, w: np.ndarray, *extra) -> np.ndarray:
+    target = np.full(shape, np.nan, w.dtype)  # every lane must be written
+    pack(target, w, *extra)
+    return target
+
+
+# (directions, hidden, inner): tiny, a gate narrower than a vector, vector multiples with
+# whole transposed blocks, odd remainders on both axes, and empty axes.
+SIZES = [
+    (1, 8, 5),
+    (2, 13, 17),
+    (1, 64, 24),
+    (2, 7, 3),
+    (1, 20, 16),
+    (1, 72, 9),
+    (1, 0, 4),
+    (1, 5, 0),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("directions", "hidden", "inner"), SIZES)
+@pytest.mark.parametrize("blocks", [4, 3, 1])
+def test_pack_columns_matches_numpy(dtype, directions, hidden, inner, blocks):
+    rng = np.random.default_rng(hidden * 31 + inner)
+    w = rng.standard_normal((directions, blocks * hidden, inner)).astype(dtype)
+    shape = _packed.columns_shape(w.shape, blocks, w.itemsize)
+    assert np.array_equal(
+        packed_by(_packed.pack_columns, shape, w, blocks), expected_columns(w, blocks)
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("directions", "hidden", "inner"), SIZES)
+def test_pack_units_matches_numpy(dtype, directions, hidden, inner):
+    rng = np.random.default_rng(hidden * 7 + inner)
+    w = rng.standard_normal((directions, 4 * hidden, inner)).astype(dtype)
+    shape = _packed.units_shape(w.shape, w.itemsize)
+    assert np.array_equal(packed_by(_packed.pack_units, shape, w), expected_units(w))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("directions", "hidden", "inner"), SIZES)
+def test_pack_rows_match_numpy(dtype, directions, hidden, inner):
+    rng = np.random.default_rng(hidden * 5 + inner)
+    w = rng.standard_normal((directions, 4 * hidden, inner)).astype(dtype)
+    rows = packed_by(_packed.pack_rows, _packed.rows_shape(w.shape, w.itemsize), w)
+    assert np.array_equal(rows, expected_rows(w))
+    shape = _packed.units_rows_shape(w.shape, w.itemsize)
+    assert np.array_equal(packed_by(_packed.pack_units_rows, shape, w), expected_units_rows(w))

@@ -70,6 +70,13 @@ def jit(*args, reductions: bool = False, **kwargs):
     return decorate
 
 
+# The input projection (when not in the time loop) goes through the packed micro-kernel
+# instead of the BLAS when each part's rows of input take at most this many bytes: they
+# then stay in cache while every panel of W_ih streams past once (a one-row batch: 150 x
+# 256 rows against 1024 columns ran at about 100 GFLOP/s through OpenBLAS). Larger inputs
+# want the BLAS's cache blocking.
+PACKED_PROJECTION_BYTES = 256 << 10
+
 # The input projection runs as GEMMs over blocks of about this many rows (steps x batch):
 # wide enough for the BLAS to run near its best, small enough for the scratch to stay in cache.
 PROJECTION_BLOCK_ROWS = 1024

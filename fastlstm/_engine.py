@@ -22,7 +22,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from fastlstm import _kernels, _packed, _sync
-from fastlstm._config import FUSED_MAX_WEIGHT_BYTES, PARALLEL_MIN_MACS, SMALL_ROW_MACS, SPLIT_PARTS
+from fastlstm._config import (
+    FUSED_MAX_WEIGHT_BYTES,
+    PACKED_PROJECTION_BYTES,
+    PARALLEL_MIN_MACS,
+    SMALL_ROW_MACS,
+    SPLIT_PARTS,
+)
 from fastlstm._threads import blas_single_threaded, get_num_threads, run_tasks
 
 
@@ -192,15 +198,20 @@ def _held_blas():
     return blas_single_threaded()
 
 
-def _run_parts(function, calls: list[tuple]) -> None:
+def _run_calls(function, calls: list[tuple]) -> None:
     """``function(*call)`` for every part, at once on fastlstm's threads when there are
-    two or more, else one after another; the BLAS on one thread in each either way."""
+    two or more, else one after another."""
+    if get_num_threads() >= 2 and len(calls) > 1:
+        run_tasks(function, calls)
+    else:
+        for call in calls:
+            function(*call)
+
+
+def _run_parts(function, calls: list[tuple]) -> None:
+    """:func:`_run_calls` with the BLAS on one thread in each part."""
     with _held_blas():
-        if get_num_threads() >= 2:
-            run_tasks(function, calls)
-        else:
-            for call in calls:
-                function(*call)
+        _run_calls(function, calls)
 
 
 def _project_inputs(xp, inputs, w_ih, bias) -> None:
@@ -212,7 +223,15 @@ def _project_inputs(xp, inputs, w_ih, bias) -> None:
     against 1.3)."""
     steps = xp.shape[2]
     rows, width = inputs.shape
-    parts = min(_parts(rows * width * w_ih.shape[0] * w_ih.shape[1]), steps)
+    parts = max(1, min(_parts(rows * width * w_ih.shape[0] * w_ih.shape[1]), steps))
+    if -(-rows // parts) * inputs.strides[0] <= PACKED_PROJECTION_BYTES:
+        # Few rows (a one-row batch): the packed micro-kernel, rows cut anywhere.
+        packed = _pack_columns(w_ih, 4)
+        bounds = [rows * part // parts for part in range(parts + 1)]
+        calls = [(xp, inputs, packed, bias, bounds[i], bounds[i + 1]) for i in range(parts)]
+        _run_calls(_kernels.project_inputs_packed, calls)
+        _give(packed)
+        return
     if parts < 2:
         with _held_blas():
             _kernels.project_inputs(xp, inputs, w_ih, bias, 0, steps)

@@ -810,3 +810,53 @@ def test_outputs_have_the_model_dtype(rng, dtype, x_dtype):
     model.eval()
     out, (h_n, c_n) = model(x.tolist())
     assert out.dtype == h_n.dtype == c_n.dtype == dtype
+
+
+# Every layer's input projection takes one of three routes: in the time loop (batch > 1,
+# weights up to FUSED_MAX_WEIGHT_BYTES), the packed micro-kernel before the loop (few
+# rows: PACKED_PROJECTION_BYTES) or BLAS GEMMs before the loop. The limits, set to 0 or
+# left, force each route; every one agrees with the reference and with itself on 1 and 2
+# threads (split into parts from PARALLEL_MIN_MACS = 0 on).
+PROJECTION_ROUTES = {
+    "in-loop": {},
+    "packed": {"FUSED_MAX_WEIGHT_BYTES": 0},
+    "blas": {"FUSED_MAX_WEIGHT_BYTES": 0, "PACKED_PROJECTION_BYTES": 0},
+}
+
+
+@dtypes
+@pytest.mark.parametrize("route", list(PROJECTION_ROUTES))
+@pytest.mark.parametrize(("bidirectional", "batch"), [(False, 13), (True, 4), (False, 1)])
+def test_every_input_projection_route_matches_the_reference(
+    rng, monkeypatch, restore_threads, dtype, route, bidirectional, batch
+):
+    monkeypatch.setattr(_engine, "PARALLEL_MIN_MACS", 0)
+    for name, value in PROJECTION_ROUTES[route].items():
+        monkeypatch.setattr(_engine, name, value)
+    calls = {"project_inputs": 0, "project_inputs_packed": 0}
+    for kernel in calls:
+        original = getattr(_engine._kernels, kernel)
+
+        def counted(*args, _original=original, _kernel=kernel):
+            calls[_kernel] += 1
+            return _original(*args)
+
+        monkeypatch.setattr(_engine._kernels, kernel, counted)
+    model = fl.LSTM(I, H, 2, bidirectional=bidirectional, dtype=dtype, seed=4)
+    D = 2 if bidirectional else 1
+    lengths = None if batch == 1 else rng.integers(0, T + 1, batch)
+    x = rng.standard_normal((T, batch, I)).astype(dtype)
+    dout = rng.standard_normal((T, batch, D * H)).astype(dtype)
+    args = (x, random_state(rng, model, batch), lengths, dout, *random_state(rng, model, batch))
+    fl.set_num_threads(1)
+    serial = run_forward_backward(model, *args)
+    fl.set_num_threads(2)
+    parallel = run_forward_backward(model, *args)
+    for name, value in serial.items():
+        np.testing.assert_array_equal(parallel[name], value, err_msg=name)
+    assert_matches_reference(parallel, model, args)
+    # (a one-row batch never projects in the loop)
+    taken = "packed" if batch == 1 and route == "in-loop" else route
+    expected_calls = {"in-loop": (False, False), "packed": (False, True), "blas": (True, False)}
+    used = (calls["project_inputs"] > 0, calls["project_inputs_packed"] > 0)
+    assert used == expected_calls[taken]

@@ -72,7 +72,17 @@ def _pow2(typingctx, n):
     bias, shift = (1023, 52) if wide else (127, 23)
 
     def codegen(context, builder, signature, args):
-        exponent = builder.add(builder.fptosi(args[0], bits_type), ir.Constant(bits_type, bias))
+        if wide:
+            # AVX2 has no packed float64 -> int64 conversion (LLVM would convert lane by
+            # lane): adding 1.5 * 2**52 + 1023 puts n + 1023 in the low mantissa bits
+            # instead (exact for whole |n| < 2**51), and the shift moves them to the
+            # exponent field.
+            magic = ir.Constant(ir.DoubleType(), 1.5 * 2.0**52 + bias)
+            exponent = builder.bitcast(builder.fadd(args[0], magic), bits_type)
+        else:
+            exponent = builder.add(
+                builder.fptosi(args[0], bits_type), ir.Constant(bits_type, bias)
+            )
         bits = builder.shl(exponent, ir.Constant(bits_type, shift))
         return builder.bitcast(bits, ir.DoubleType() if wide else ir.FloatType())
 

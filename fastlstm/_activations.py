@@ -80,9 +80,7 @@ def _pow2(typingctx, n):
             magic = ir.Constant(ir.DoubleType(), 1.5 * 2.0**52 + bias)
             exponent = builder.bitcast(builder.fadd(args[0], magic), bits_type)
         else:
-            exponent = builder.add(
-                builder.fptosi(args[0], bits_type), ir.Constant(bits_type, bias)
-            )
+            exponent = builder.add(builder.fptosi(args[0], bits_type), ir.Constant(bits_type, bias))
         bits = builder.shl(exponent, ir.Constant(bits_type, shift))
         return builder.bitcast(bits, ir.DoubleType() if wide else ir.FloatType())
 

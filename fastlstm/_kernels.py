@@ -178,6 +178,24 @@ def _gates_forward(ai, af, ag, ao, c_prev, c_next, m):
 
 
 @jit
+def _gates_forward_reset(ai, af, ag, ao, c_prev, c_next, m, reset):
+    """:func:`_gates_forward` for inference with one slot of gates: instead of the gates
+    (nobody reads them), each block gets the bias back (``reset`` (4, units), the tiled
+    bias), ready for the next step's products to add into: no separate bias pass."""
+    for j in range(c_prev.shape[0]):
+        gi = sigmoid(ai[j])
+        gf = sigmoid(af[j])
+        gg = tanh(ag[j])
+        c_next[j] = fma(gf, c_prev[j], gi * gg)
+        ai[j] = reset[0, j]
+        af[j] = reset[1, j]
+        ag[j] = reset[2, j]
+    for j in range(c_prev.shape[0]):
+        m[j] = sigmoid(ao[j]) * tanh(c_next[j])
+        ao[j] = reset[3, j]
+
+
+@jit
 def _gates_forward_diagonal(ai, af, ag, ao, c_prev, c_next, m, p_i, p_f, p_o):
     """Diagonal-peephole step (p_* tiled over the rows)."""
     for j in range(c_prev.shape[0]):
@@ -336,6 +354,15 @@ def _forward_rows(
     # Inference with the projection fused keeps one step of gates (xp (D, 4, 1, B*H)):
     # nothing needs them afterwards, and a small block stays in cache.
     one_slot = xp.shape[2] != steps
+    # The bias tiled over the rows, gate by gate: copied into each step's gate blocks when
+    # the loop projects its inputs, or (inference, plain cell) put back by the gate pass.
+    resets = one_slot and fused and not (diagonal or full)
+    reset = np.empty((4, units if fused else 0), dtype=c.dtype)
+    if fused:
+        for g in range(4):
+            for r in range(rows):
+                for j in range(hidden):
+                    reset[g, r * hidden + j] = bias[d, g * hidden + j]
     for s in range(steps):
         t = steps - 1 - s if d == 1 else s
         slot = 0 if one_slot else t  # this step's gates in xp
@@ -345,12 +372,10 @@ def _forward_rows(
         ag = xp[d, 2, slot, lo:hi]
         ao = xp[d, 3, slot, lo:hi]
         base = d * 4 * gate_stride + slot * xp.shape[3] + lo  # xp[d, 0, slot, lo] in xp.flat
-        if fused:  # bias + x_t W_ih^T
-            for g in range(4):
-                block = xp[d, g, slot]
-                for r in range(rows):
-                    for j in range(hidden):
-                        block[lo + r * hidden + j] = bias[d, g * hidden + j]
+        if fused:  # bias + x_t W_ih^T (the bias is there already after a resetting step)
+            if not (resets and s > 0):
+                for g in range(4):
+                    _copy1(xp[d, g, slot, lo:hi], reset[g])
             x_base = (t * batch + b0) * width_in
             product_abt(
                 xp, base, gate_stride, hidden, hidden, rows, x, x_base, pan_ih, d, 4, scratch
@@ -374,6 +399,8 @@ def _forward_rows(
             _gates_forward_o(ao, c_new, m_flat)
         elif diagonal:
             _gates_forward_diagonal(ai, af, ag, ao, c, c_new, m_flat, p_i, p_f, p_o)
+        elif resets:
+            _gates_forward_reset(ai, af, ag, ao, c, c_new, m_flat, reset)
         else:
             _gates_forward(ai, af, ag, ao, c, c_new, m_flat)
         if has_proj:

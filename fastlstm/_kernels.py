@@ -47,10 +47,13 @@ from fastlstm._blas import gemm_ab, gemm_abt, gemm_atb
 from fastlstm._config import PROJECTION_BLOCK_ROWS, SMALL_ROW_MACS, jit
 from fastlstm._packed import (
     ROWS,
+    copy_rows,
+    lanes_of,
     product_ab,
     product_abt,
     product_one_row,
     product_one_row_back,
+    tile,
 )
 from fastlstm._sync import arrive_and_wait
 
@@ -75,21 +78,6 @@ def _copy2(dst, src):
     for r in range(src.shape[0]):
         for j in range(src.shape[1]):
             dst[r, j] = src[r, j]
-
-
-@jit
-def _transpose(w):
-    """A C-contiguous transposed copy (the small-size loops want the long axis innermost)."""
-    rows, cols = w.shape
-    out = np.empty((cols, rows), dtype=w.dtype)
-    for r in range(rows):
-        for q in range(cols):
-            out[q, r] = w[r, q]
-    return out
-
-
-# The row-by-row loops below index arrays directly instead of slicing per row: every view
-# made inside a loop costs reference-count updates that dwarf a tiny row's arithmetic.
 
 
 @jit
@@ -754,46 +742,74 @@ def layer_backward_rows(
     )  # fmt: skip
 
 
-@jit(reductions=True)
+@jit
 def _dense_gradients_small(dx, gw_ih, gw_hh, gbias, xp, x, hprev, w_ih, d):
-    """Tiny sizes: dW_ih, dW_hh, the bias and dx of direction d, row by row over all 4H
-    gate columns at once (the gate-major dL/da of a row gathered into one vector)."""
-    steps = xp.shape[2]
+    """Tiny sizes: dW_ih, dW_hh, the bias and dx of direction d as two products over all
+    rows through the register tile (per-gate BLAS calls cost microseconds each here, and
+    row-by-row updates keep their sums in memory).
+
+    dL/da is gathered row-major (rows, 4H, padded to whole panels). Then
+    [x | h_{t-1} | 1]^T (I + P + 1, rows) times it gives dW_ih^T, dW_hh^T and the bias
+    gradient in one (I + P + 1, 4H) block, and dL/da times W_ih gives dx (both padded to
+    whole panels with zeros, then the valid part added into the gradients).
+    """
     rows, width = x.shape
-    batch = rows // steps
     hidden = w_ih.shape[1] // 4
     gates = 4 * hidden
     out_size = hprev.shape[3]
-    w_ih_t = _transpose(w_ih[d])
-    g_ih_t = np.zeros((width, gates), dtype=xp.dtype)
-    g_hh_t = np.zeros((out_size, gates), dtype=xp.dtype)
-    da = np.empty(gates, dtype=xp.dtype)
+    lanes = lanes_of(x)
+    panel = 2 * lanes
+    gates_pad = (gates + panel - 1) // panel * panel
+    width_pad = (width + panel - 1) // panel * panel
+    operands = width + out_size + 1
+    da = np.empty((rows, gates_pad), dtype=xp.dtype)
+    at = np.empty((operands, rows), dtype=xp.dtype)
+    h_rows = hprev[d].reshape((rows, out_size))
+    da_flat = da.reshape(da.size)
+    xp_flat = xp.reshape(xp.size)
+    for g in range(4):  # each gate's block (rows, H) into its columns, vector by vector
+        source = (d * 4 + g) * rows * hidden
+        copy_rows(
+            da_flat, g * hidden, gates_pad, xp_flat, source, hidden, rows, hidden, hidden, lanes
+        )
     for row in range(rows):
-        t = row // batch
-        b = row - t * batch
-        for g in range(4):
-            for j in range(hidden):
-                da[g * hidden + j] = xp[d, g, t, b * hidden + j]
-        for col in range(gates):
-            gbias[d, col] += da[col]
-        for i in range(width):  # dW_ih += da^T x
-            coef = x[row, i]
-            for col in range(gates):
-                g_ih_t[i, col] += coef * da[col]
-        for q in range(out_size):  # dW_hh += da^T h_{t-1}
-            coef = hprev[d, t, b, q]
-            for col in range(gates):
-                g_hh_t[q, col] += coef * da[col]
-        for i in range(width):  # dx = da W_ih
-            acc = dx[row, i] if d > 0 else zero(da[0])
-            for col in range(gates):
-                acc += da[col] * w_ih_t[i, col]
-            dx[row, i] = acc
+        for col in range(gates, gates_pad):
+            da[row, col] = 0
+        for i in range(width):
+            at[i, row] = x[row, i]
+        for q in range(out_size):
+            at[width + q, row] = h_rows[row, q]
+        at[operands - 1, row] = 1
+    sums = np.zeros((operands, gates_pad), dtype=xp.dtype)
+    sums_flat = sums.reshape(sums.size)
+    at_flat = at.reshape(at.size)
+    for p in range(gates_pad // panel):
+        for r0 in range(0, operands, ROWS):
+            off = r0 * gates_pad + p * panel
+            tile(sums_flat, off, off + lanes, gates_pad, at_flat, r0 * rows, rows,
+                 da_flat, p * panel, gates_pad, rows, min(ROWS, operands - r0), 2)  # fmt: skip
     for col in range(gates):
         for i in range(width):
-            gw_ih[d, col, i] += g_ih_t[i, col]
+            gw_ih[d, col, i] += sums[i, col]
         for q in range(out_size):
-            gw_hh[d, col, q] += g_hh_t[q, col]
+            gw_hh[d, col, q] += sums[width + q, col]
+        gbias[d, col] += sums[operands - 1, col]
+    # dx = dL/da W_ih (direction 0 writes, direction 1 adds), into whole panels first
+    w_pad = np.zeros((gates_pad, width_pad), dtype=xp.dtype)
+    for col in range(gates):
+        for i in range(width):
+            w_pad[col, i] = w_ih[d, col, i]
+    dx_pad = np.zeros((rows, width_pad), dtype=xp.dtype)
+    dx_flat = dx_pad.reshape(dx_pad.size)
+    w_flat = w_pad.reshape(w_pad.size)
+    for p in range(width_pad // panel):
+        for r0 in range(0, rows, ROWS):
+            off = r0 * width_pad + p * panel
+            tile(dx_flat, off, off + lanes, width_pad, da_flat, r0 * gates_pad, gates_pad,
+                 w_flat, p * panel, width_pad, gates, min(ROWS, rows - r0), 2)  # fmt: skip
+    for row in range(rows):
+        for i in range(width):
+            dx[row, i] = dx_pad[row, i] if d == 0 else dx[row, i] + dx_pad[row, i]
 
 
 @jit

@@ -341,7 +341,7 @@ def _move_vector(typingctx, dst, dst_off, src, src_off):
 
 
 @jit
-def _copy_rows(target, t_off, ld_target, source, s_off, ld_source, rows, valid, width, lanes):
+def copy_rows(target, t_off, ld_target, source, s_off, ld_source, rows, valid, width, lanes):
     """target[t_off + r ld_target + j] = source[s_off + r ld_source + j] for r < rows and
     j < width (zero for j >= valid); whole vectors of valid lanes are moved as vectors."""
     whole = valid // lanes * lanes
@@ -422,7 +422,7 @@ def pack_rows(packed, w):
                 valid = min(panel_width, width - col0)
                 t_off = ((d * panels + p) * inner + k0) * panel_width
                 s_off = (d * inner + k0) * width + col0
-                _copy_rows(target, t_off, panel_width, source, s_off, width, rows, valid,
+                copy_rows(target, t_off, panel_width, source, s_off, width, rows, valid,
                            panel_width, lanes)  # fmt: skip
 
 
@@ -644,7 +644,7 @@ def pack_units_rows(packed, w):
         for chunk in range(chunks):
             first = chunk * width
             t_off = (d * chunks + chunk) * gates * width
-            _copy_rows(target, t_off, width, source, d * gates * inner + first, inner, gates,
+            copy_rows(target, t_off, width, source, d * gates * inner + first, inner, gates,
                        min(width, inner - first), width, lanes)  # fmt: skip
 
 

@@ -133,7 +133,18 @@ def _give(*arrays: np.ndarray) -> None:
 
 def _pack_columns(w: np.ndarray, blocks: int) -> np.ndarray:
     packed = _take(_packed.columns_shape(w.shape, blocks, w.itemsize), w.dtype)
-    _packed.pack_columns(packed, w, blocks)
+    _packed.pack_columns(packed, w, blocks, 0)
+    return packed
+
+
+def pack_stacked(w_ih: np.ndarray, w_hh: np.ndarray) -> np.ndarray:
+    """[W_ih | W_hh] (D, 4H, I + P) as one set of panels: the fused loop's single product
+    [x_t | h_{t-1}] [W_ih | W_hh]^T per step."""
+    directions, gates, width = w_ih.shape
+    shape = _packed.columns_shape((directions, gates, width + w_hh.shape[2]), 4, w_ih.itemsize)
+    packed = _take(shape, w_ih.dtype)
+    _packed.pack_columns(packed, w_ih, 4, 0)
+    _packed.pack_columns(packed, w_hh, 4, width)
     return packed
 
 
@@ -243,12 +254,13 @@ def _project_inputs(xp, inputs, w_ih, bias) -> None:
 
 def forward_panels(layer: LayerArrays, fused: bool, batch: int) -> tuple[np.ndarray, ...]:
     """The forward loop's weights packed for the micro-kernel, once per layer call:
-    (W_ih if ``fused``, W_hh unless the batch is one row (the loop's gemv reads W_hh
-    itself), W_hr, W_ch[i, f, g], W_ch[o]) as ``x W^T`` panels (empty arrays when absent)."""
+    ([W_ih | W_hh] if ``fused``, else W_hh unless the batch is one row (the loop's gemv
+    reads W_hh itself), W_hr, W_ch[i, f, g], W_ch[o]) as ``x W^T`` panels (empty arrays
+    when absent)."""
     dtype = layer.w_hh.dtype
     hidden = layer.w_hh.shape[1] // 4
-    w_ih = _pack_columns(layer.w_ih, 4) if fused else _empty(dtype, 4)
-    w_hh = _pack_columns(layer.w_hh, 4) if batch > 1 else _empty(dtype, 4)
+    w_ih = pack_stacked(layer.w_ih, layer.w_hh) if fused else _empty(dtype, 4)
+    w_hh = _pack_columns(layer.w_hh, 4) if batch > 1 and not fused else _empty(dtype, 4)
     w_hr = _pack_columns(layer.w_hr, 1) if layer.w_hr is not None else _empty(dtype, 4)
     if layer.w_ch is None:
         return w_ih, w_hh, w_hr, _empty(dtype, 4), _empty(dtype, 4)

@@ -373,9 +373,10 @@ def rows_shape(w_shape: tuple, itemsize: int) -> tuple:
 
 
 @jit
-def pack_columns(packed, w, blocks):
+def pack_columns(packed, w, blocks, k_first):
     """Fill ``packed`` (:func:`columns_shape`) with W (D, blocks*N, K) as panels
-    (D, panels, K, 2 lanes) for products x W^T.
+    (D, panels, K, 2 lanes) for products x W^T, at panel rows k_first..k_first+K-1 (so
+    that [W_1 | W_2] along K are two calls on one array of depth K_1 + K_2).
 
     The N output columns of each block (a gate) are grouped into vectors of ``lanes``
     (per_block = ceil(N / lanes) vectors per block, the last one zero-padded); vector q
@@ -390,6 +391,7 @@ def pack_columns(packed, w, blocks):
     per_block = (width + lanes - 1) // lanes
     count = blocks * per_block
     panels = packed.shape[1]
+    depth = packed.shape[2]
     panel_width = 2 * lanes
     target = packed.reshape(packed.size)
     source = w.reshape(w.size)
@@ -398,7 +400,7 @@ def pack_columns(packed, w, blocks):
             block = q // per_block if per_block > 0 else 0
             col0 = (q - block * per_block) * lanes
             valid = min(lanes, width - col0) if q < count else 0
-            t_off = (d * panels + q // 2) * inner * panel_width + (q % 2) * lanes
+            t_off = ((d * panels + q // 2) * depth + k_first) * panel_width + (q % 2) * lanes
             s_off = (d * total + block * width + col0) * inner
             _transpose_rows(target, t_off, panel_width, source, s_off, inner, inner, valid, lanes)
 

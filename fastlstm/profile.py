@@ -112,10 +112,14 @@ def _recurrent_tasks(lstm: fl.LSTM, shape: Shape, plan: list, rng) -> list[list[
         for d, first, end in plan:
             w_ih = np.ascontiguousarray(layer.w_ih[d : d + 1])
             w_hh = np.ascontiguousarray(layer.w_hh[d : d + 1])
-            packed_ih = _engine._pack_columns(w_ih, 4 if fused else 0)
-            packed_hh = _engine._pack_columns(w_hh, 4)
+            if fused:  # one product [x_t | h] [W_ih | W_hh]^T per step, as the loop does
+                packed_ih = _engine.pack_stacked(w_ih, w_hh)
+                packed_hh = _engine._pack_columns(w_hh, 0)
+            else:
+                packed_ih = _engine._pack_columns(w_ih, 0)
+                packed_hh = _engine._pack_columns(w_hh, 4)
             rows = end - first
-            x = (0.5 * rng.standard_normal((rows, w_ih.shape[2]))).astype(dtype)
+            x = (0.5 * rng.standard_normal((rows, packed_ih.shape[2]))).astype(dtype)
             h = (0.5 * rng.standard_normal((rows, out))).astype(dtype)
             xp = np.zeros((1, 4, 1, rows * lstm.hidden_size), dtype)
             tasks.append((xp, x, h, w_hh, packed_ih, packed_hh, shape.batch == 1, shape.seq))
@@ -380,7 +384,7 @@ def format_profile(result: dict[str, Any]) -> str:
             "  matrix products *",
             result["recurrent_products_s"],
             flops["time_loop"],
-            "timed alone" + (": x_t W_ih^T and h W_hh^T" if fused else ": h W_hh^T"),
+            "timed alone" + (": [x_t | h] [W_ih | W_hh]^T" if fused else ": h W_hh^T"),
         )
     )
     lines.append(

@@ -92,8 +92,24 @@ def test_pack_columns_matches_numpy(dtype, directions, hidden, inner, blocks):
     w = rng.standard_normal((directions, blocks * hidden, inner)).astype(dtype)
     shape = _packed.columns_shape(w.shape, blocks, w.itemsize)
     assert np.array_equal(
-        packed_by(_packed.pack_columns, shape, w, blocks), expected_columns(w, blocks)
+        packed_by(_packed.pack_columns, shape, w, blocks, 0), expected_columns(w, blocks)
     )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("hidden", "width", "out_size"), [(8, 5, 8), (13, 17, 13), (20, 16, 7)])
+def test_stacked_panels_are_both_matrices_along_k(dtype, hidden, width, out_size):
+    """[W_ih | W_hh] packed by two calls at k offsets 0 and I: the panels of the stacked
+    matrix, every lane written."""
+    rng = np.random.default_rng(hidden)
+    w_ih = rng.standard_normal((2, 4 * hidden, width)).astype(dtype)
+    w_hh = rng.standard_normal((2, 4 * hidden, out_size)).astype(dtype)
+    stacked = np.concatenate([w_ih, w_hh], axis=2)
+    shape = _packed.columns_shape(stacked.shape, 4, stacked.itemsize)
+    target = np.full(shape, np.nan, dtype)
+    _packed.pack_columns(target, w_ih, 4, 0)
+    _packed.pack_columns(target, w_hh, 4, width)
+    assert np.array_equal(target, expected_columns(stacked, 4))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -376,7 +376,7 @@ def format_profile(result: dict[str, Any]) -> str:
     else:
         lines.append(line("input_gemm", phases["input_gemm"], flops["input_gemm"]))
     lines.append(
-        line("pack_weights", phases["pack_weights"], None, "W_hh into panels, once per call")
+        line("pack_weights", phases["pack_weights"], None, "weights into panels, once per call")
     )
     lines.append(line("time_loop", phases["time_loop"], flops["time_loop"]))
     lines.append(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -103,6 +104,8 @@ def _free_lists() -> OrderedDict:
 
 def _take(shape: tuple, dtype: np.dtype) -> np.ndarray:
     """An array of ``shape`` and ``dtype`` with arbitrary contents: a reused one if free."""
+    if math.prod(shape) * np.dtype(dtype).itemsize < _MIN_POOLED_BYTES:
+        return np.empty(shape, dtype)  # never pooled (see _give)
     free = _free_lists()
     key = (tuple(shape), np.dtype(dtype).str)
     stack = free.get(key)

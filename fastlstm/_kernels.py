@@ -750,6 +750,23 @@ def layer_backward_rows(
 
 
 @jit
+def _product_whole_panels(c, a, b):
+    """c += a b for C-contiguous c (M, N), a (M, K), b (K, N), N a whole number of panels
+    (two SIMD vectors): the register tile straight over b's rows, no packing."""
+    rows, inner = a.shape
+    width = c.shape[1]
+    lanes = lanes_of(c)
+    c_flat = c.reshape(c.size)
+    a_flat = a.reshape(a.size)
+    b_flat = b.reshape(b.size)
+    for col0 in range(0, width, 2 * lanes):
+        for r0 in range(0, rows, ROWS):
+            off = r0 * width + col0
+            tile(c_flat, off, off + lanes, width, a_flat, r0 * inner, inner,
+                 b_flat, col0, width, inner, min(ROWS, rows - r0), 2)  # fmt: skip
+
+
+@jit
 def _dense_gradients_small(dx, gw_ih, gw_hh, gbias, xp, x, hprev, w_ih, d):
     """Tiny sizes: dW_ih, dW_hh, the bias and dx of direction d as two products over all
     rows through the register tile (per-gate BLAS calls cost microseconds each here, and
@@ -788,13 +805,7 @@ def _dense_gradients_small(dx, gw_ih, gw_hh, gbias, xp, x, hprev, w_ih, d):
             at[width + q, row] = h_rows[row, q]
         at[operands - 1, row] = 1
     sums = np.zeros((operands, gates_pad), dtype=xp.dtype)
-    sums_flat = sums.reshape(sums.size)
-    at_flat = at.reshape(at.size)
-    for p in range(gates_pad // panel):
-        for r0 in range(0, operands, ROWS):
-            off = r0 * gates_pad + p * panel
-            tile(sums_flat, off, off + lanes, gates_pad, at_flat, r0 * rows, rows,
-                 da_flat, p * panel, gates_pad, rows, min(ROWS, operands - r0), 2)  # fmt: skip
+    _product_whole_panels(sums, at, da)
     for col in range(gates):
         for i in range(width):
             gw_ih[d, col, i] += sums[i, col]
@@ -807,13 +818,7 @@ def _dense_gradients_small(dx, gw_ih, gw_hh, gbias, xp, x, hprev, w_ih, d):
         for i in range(width):
             w_pad[col, i] = w_ih[d, col, i]
     dx_pad = np.zeros((rows, width_pad), dtype=xp.dtype)
-    dx_flat = dx_pad.reshape(dx_pad.size)
-    w_flat = w_pad.reshape(w_pad.size)
-    for p in range(width_pad // panel):
-        for r0 in range(0, rows, ROWS):
-            off = r0 * width_pad + p * panel
-            tile(dx_flat, off, off + lanes, width_pad, da_flat, r0 * gates_pad, gates_pad,
-                 w_flat, p * panel, width_pad, gates, min(ROWS, rows - r0), 2)  # fmt: skip
+    _product_whole_panels(dx_pad, da, w_pad)  # (zero padding adds exact zeros)
     for row in range(rows):
         for i in range(width):
             dx[row, i] = dx_pad[row, i] if d == 0 else dx[row, i] + dx_pad[row, i]

@@ -42,6 +42,11 @@ SPLIT_PARTS = 2
 # at the seed shape: 114 against 78 us).
 SMALL_ROW_MACS = 4096
 
+# From this many rows (steps x batch) on, a gate's dW_ih and dW_hh come from one GEMM over
+# [x | h_{t-1}] into a scratch that is then added into both (a wider product runs faster);
+# below, the adds cost more than that gains, and two GEMMs accumulate in place.
+MERGED_GRADIENT_MIN_ROWS = 1024
+
 
 def jit(*args, reductions: bool = False, **kwargs):
     """``numba.njit`` with fastlstm's flags and ``cache=True``, falling back to no cache.

@@ -54,7 +54,7 @@ class LayerArrays:
 class LayerCache:
     inputs: np.ndarray  # (T*B, I_k) what the layer read (after dropout)
     xp: np.ndarray  # (D, 4, T, B*H) gates after forward, dL/da after backward
-    hprev: np.ndarray  # (D, T, B, P)
+    xh: np.ndarray  # (D, T*B, I_k + P) rows [x_t | h_{t-1}]
     cstate: np.ndarray  # (D, T, B*H)
     mstore: np.ndarray  # (D, T, B, H) with projection, else empty
     h0: np.ndarray  # (D, B, P)
@@ -396,22 +396,23 @@ def forward(
             _timed(timings, "input_gemm", _project_inputs, xp, inputs, layer.w_ih, bias)
         out = np.empty((steps, batch, directions * out_size), dtype)
         if training:
-            hprev = _take((directions, steps, batch, out_size), dtype)
+            xh = _take((directions, steps * batch, width + out_size), dtype)
+            xh[:, :, :width] = inputs  # the loops write each step's h_{t-1} beside it
             cstate = _take((directions, steps, batch * hidden), dtype)
             has_proj = layer.w_hr is not None
             mstore = _take((directions, steps, batch, hidden) if has_proj else (0,) * 4, dtype)
         else:
-            hprev, cstate, mstore = _empty(dtype, 4), _empty(dtype, 3), _empty(dtype, 4)
+            xh, cstate, mstore = _empty(dtype, 3), _empty(dtype, 3), _empty(dtype, 4)
         rows = slice(k * directions, (k + 1) * directions)
         if batch == 1 and layer.w_hr is None and layer.w_ch is None:
             _forward_one_row(
-                timings, layer, out, h_n[rows], c_n[rows], xp, hprev, cstate,
+                timings, layer, out, h_n[rows], c_n[rows], xp, xh, cstate,
                 h0[rows], c0[rows], lengths, training,
             )  # fmt: skip
         else:
             packed = _timed(timings, "pack_weights", forward_panels, layer, fused, batch)
             args = (
-                out, h_n[rows], c_n[rows], xp, hprev, cstate, mstore, h0[rows], c0[rows],
+                out, h_n[rows], c_n[rows], xp, xh, cstate, mstore, h0[rows], c0[rows],
                 inputs, bias, layer.w_hh, packed, _optional(layer.w_hr, dtype),
                 _optional(layer.peep, dtype), _optional(layer.w_ch, dtype), lengths, training,
             )  # fmt: skip
@@ -426,7 +427,7 @@ def forward(
         if training and dropout > 0 and k < len(layers) - 1:
             mask = _timed(timings, "dropout", _dropout_mask, rng, out.shape, dropout, dtype)
         if training:
-            caches.append(LayerCache(inputs, xp, hprev, cstate, mstore, h0[rows], c0[rows], mask))
+            caches.append(LayerCache(inputs, xp, xh, cstate, mstore, h0[rows], c0[rows], mask))
         layer_in = out * mask if mask is not None else out
     return out, h_n, c_n, caches
 
@@ -483,9 +484,9 @@ def backward(
             timings, "weight_gradients", _weight_gradients, layer, grad, cache, dhstore
         )
         # This cache serves one backward: its arrays go back to the workspace.
-        _give(*packed, dhstore, cache.xp, cache.hprev, cache.cstate, cache.mstore)
-        cache.xp = cache.hprev = cache.mstore = _empty(dtype, 4)
-        cache.cstate = _empty(dtype, 3)
+        _give(*packed, dhstore, cache.xp, cache.xh, cache.cstate, cache.mstore)
+        cache.xp = cache.mstore = _empty(dtype, 4)
+        cache.xh = cache.cstate = _empty(dtype, 3)
         if k > 0:
             below = caches[k - 1].mask
             d_layer_in = d_layer_in.reshape(steps, batch, -1)
@@ -494,7 +495,7 @@ def backward(
 
 
 def _forward_one_row(
-    timings, layer, out, h_n, c_n, xp, hprev, cstate, h0, c0, lengths, training
+    timings, layer, out, h_n, c_n, xp, xh, cstate, h0, c0, lengths, training
 ) -> None:
     """One layer's forward loops for a batch of one row (xp holds the input projection)."""
     directions, gates, out_size = layer.w_hh.shape
@@ -505,7 +506,7 @@ def _forward_one_row(
     state[:, 0] = h0[:, 0]
     counter = np.zeros(1, np.int64)
     args = (
-        out, h_n, c_n, xp, hprev, cstate, h0, c0, packed,
+        out, h_n, c_n, xp, xh, cstate, h0, c0, packed,
         _optional(layer.peep, layer.w_hh.dtype), lengths,
     )  # fmt: skip
     calls = [(*args, *task, state, counter, parties, training) for task in tasks]
@@ -566,7 +567,7 @@ def _weight_gradients(layer, grad, cache, dhstore):
     args = (
         d_inputs, grad.w_ih, grad.w_hh, bias_grad,
         _optional(grad.w_hr, dtype), _optional(grad.peep, dtype), _optional(grad.w_ch, dtype),
-        cache.xp, inputs, cache.hprev, cache.cstate, cache.c0, cache.mstore, dhstore,
+        cache.xp, inputs, cache.xh, cache.cstate, cache.c0, cache.mstore, dhstore,
         layer.w_ih,
     )  # fmt: skip
     rows, width = inputs.shape

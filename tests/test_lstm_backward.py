@@ -433,3 +433,33 @@ def test_reused_workspace_arrays_give_the_numbers_of_fresh_ones(rng):
     free = _engine._free_lists()
     assert 0 < len(free) <= _engine._KEEP_SHAPES
     assert all(len(stack) <= _engine._KEEP_PER_SHAPE for stack in free.values())
+
+
+@dtypes
+@directions
+def test_weight_gradients_over_many_rows_match_torch(rng, dtype, bidirectional):
+    """T*B >= MERGED_GRADIENT_MIN_ROWS with 4H(I+P) > SMALL_ROW_MACS: each gate's dW_ih and
+    dW_hh come from one GEMM over [x | h_{t-1}] (the path of the larger shapes), with
+    lengths, against torch autograd."""
+    from fastlstm._config import MERGED_GRADIENT_MIN_ROWS, SMALL_ROW_MACS
+
+    steps, batch, width, hidden = 32, 32, 8, 32
+    assert steps * batch >= MERGED_GRADIENT_MIN_ROWS
+    assert 4 * hidden * (width + hidden) > SMALL_ROW_MACS
+    model = fl.LSTM(width, hidden, bidirectional=bidirectional, dtype=dtype, seed=21)
+    module = torch_twin(model)
+    D = 2 if bidirectional else 1
+    x = rng.standard_normal((steps, batch, width)).astype(dtype)
+    lengths = rng.integers(1, steps + 1, batch)
+    dout = rng.standard_normal((steps, batch, D * hidden)).astype(dtype)
+    dout[np.arange(steps)[:, None] >= lengths[None, :]] = 0  # torch's padding carries none
+    out, _ = model(x, lengths=lengths)
+    dx, _ = model.backward(dout)
+    tx = torch.tensor(x, requires_grad=True)
+    zeros = torch.zeros((D, batch, hidden), dtype=tx.dtype)
+    t_out, _ = torch_run(module, tx, (zeros, zeros), lengths)
+    (t_out * torch.tensor(dout)).sum().backward()
+    assert_close(out, t_out, dtype, what="out")
+    assert_close(dx, tx.grad, dtype, what="dx")
+    for name, param in module.named_parameters():
+        assert_close(model.grads[name], param.grad, dtype, what=name)

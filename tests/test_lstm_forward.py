@@ -580,11 +580,12 @@ def test_row_chunks_as_tasks_equal_one_pass(rng, restore_threads, dtype, peephol
         xp = np.empty((1, 4, T, batch * hidden), dtype)  # the kernel projects x itself
         out = np.empty((T, batch, 5), dtype)
         h_n, c_n = np.empty_like(h0), np.empty_like(c0)
-        hprev = np.empty((1, T, batch, 5), dtype)
+        xh = np.empty((1, T * batch, I + 5), dtype)  # rows [x_t | h_{t-1}]
+        xh[0, :, :I] = x
         cstate = np.empty((1, T, batch * hidden), dtype)
         mstore = np.empty((1, T, batch, hidden), dtype)
         bias = _engine._summed_bias(layer)
-        args = (out, h_n, c_n, xp, hprev, cstate, mstore, h0, c0, x, bias, layer.w_hh,
+        args = (out, h_n, c_n, xp, xh, cstate, mstore, h0, c0, x, bias, layer.w_hh,
                 _engine.forward_panels(layer, True, batch), *optional, lengths, True)  # fmt: skip
         _engine.layer_forward_parallel(args, tasks)
         dh0, dc0 = np.empty_like(h0), np.empty_like(c0)
@@ -592,7 +593,7 @@ def test_row_chunks_as_tasks_equal_one_pass(rng, restore_threads, dtype, peephol
         back = (xp, dh0, dc0, dhstore, dout, np.zeros_like(h0), np.zeros_like(c0), cstate, c0,
                 layer.w_hh, _engine.backward_panels(layer, batch), *optional, lengths)  # fmt: skip
         _engine.layer_backward_parallel(back, tasks)
-        results.append([out, h_n, c_n, xp, dh0, dc0, dhstore])
+        results.append([out, h_n, c_n, xp, xh, dh0, dc0, dhstore])
     for other in results[1:]:
         for got, want in zip(other, results[0], strict=True):
             np.testing.assert_array_equal(got, want)

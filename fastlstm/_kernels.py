@@ -353,13 +353,13 @@ def _forward_rows(
     one_slot = xp.shape[2] != steps
     # The bias tiled over the rows, gate by gate: copied into each step's gate blocks when
     # the loop projects its inputs, or (inference, plain cell) put back by the gate pass.
-    resets = one_slot and fused and not (diagonal or full)
-    reset = np.empty((4, units if fused else 0), dtype=c.dtype)
+    bias_written_back = one_slot and fused and not (diagonal or full)
+    tiled_bias = np.empty((4, units if fused else 0), dtype=c.dtype)
     if fused:
         for g in range(4):
             for r in range(rows):
                 for j in range(hidden):
-                    reset[g, r * hidden + j] = bias[d, g * hidden + j]
+                    tiled_bias[g, r * hidden + j] = bias[d, g * hidden + j]
     for s in range(steps):
         t = steps - 1 - s if d == 1 else s
         slot = 0 if one_slot else t  # this step's gates in xp
@@ -375,9 +375,9 @@ def _forward_rows(
                 for q in range(out_size):
                     xh_rows[first_row + r, width_in + q] = h[r, q]
         if fused:  # bias + [x_t | h] [W_ih | W_hh]^T (bias there already after a reset)
-            if not (resets and s > 0):
+            if not (bias_written_back and s > 0):
                 for g in range(4):
-                    _copy1(xp[d, g, slot, lo:hi], reset[g])
+                    _copy1(xp[d, g, slot, lo:hi], tiled_bias[g])
             a_base = ((d * steps + t) * batch + b0) * depth
             if not training:
                 a_base = 0
@@ -406,8 +406,8 @@ def _forward_rows(
             _gates_forward_o(ao, c_new, m_flat)
         elif diagonal:
             _gates_forward_diagonal(ai, af, ag, ao, c, c_new, m_flat, p_i, p_f, p_o)
-        elif resets:
-            _gates_forward_reset(ai, af, ag, ao, c, c_new, m_flat, reset)
+        elif bias_written_back:
+            _gates_forward_reset(ai, af, ag, ao, c, c_new, m_flat, tiled_bias)
         else:
             _gates_forward(ai, af, ag, ao, c, c_new, m_flat)
         if has_proj:
@@ -593,9 +593,10 @@ def layer_forward_rows(
 ):  # fmt: skip
     """Direction d of one layer for batch rows b0..b1, all steps: the forward kernel.
 
-    ``packed``: the panels of W_ih, W_hh, W_hr, W_ch[i, f, g] and W_ch[o] (pack_columns;
-    empty when absent). With W_ih's panels the kernel projects x (T*B, I) itself, adding
-    ``bias`` (D, 4H); with none, xp must already hold the projection.
+    ``packed``: the panels of [W_ih | W_hh] (the loop projects its inputs: fused), W_hh
+    (not fused), W_hr, W_ch[i, f, g] and W_ch[o] (pack_columns; empty when absent). Fused,
+    the kernel projects x (T*B, I) itself, adding ``bias`` (D, 4H); else xp must already
+    hold the projection. In training, xh's x part must hold x (the kernel adds h_{t-1}).
 
     Calls for different directions (or rows) share nothing but disjoint rows and columns of
     the outputs, so the engine may run them on separate threads (kernels release the GIL).

@@ -404,9 +404,15 @@ def forward(
         else:
             xh, cstate, mstore = _empty(dtype, 3), _empty(dtype, 3), _empty(dtype, 4)
         rows = slice(k * directions, (k + 1) * directions)
+        unit_tasks = units_plan(steps, batch, layer, fused)
         if batch == 1 and layer.w_hr is None and layer.w_ch is None:
             _forward_one_row(
                 timings, layer, out, h_n[rows], c_n[rows], xp, xh, cstate,
+                h0[rows], c0[rows], lengths, training,
+            )  # fmt: skip
+        elif unit_tasks:
+            _forward_units(
+                timings, layer, unit_tasks, out, h_n[rows], c_n[rows], xp, xh, cstate,
                 h0[rows], c0[rows], lengths, training,
             )  # fmt: skip
         else:
@@ -492,6 +498,62 @@ def backward(
             d_layer_in = d_layer_in.reshape(steps, batch, -1)
             d_layer_out = d_layer_in * below if below is not None else d_layer_in
     return d_layer_in.reshape(steps, batch, -1), dh0, dc0
+
+
+def units_plan(steps: int, batch: int, layer: LayerArrays, fused: bool) -> list[tuple]:
+    """Hidden-unit ranges (direction, first unit, end unit) for a batch whose weights
+    outgrow the cache, one per thread with a barrier per step (layer_forward_units), or
+    [] for the row chunks of :func:`_plan`.
+
+    Taken for one direction, a batch of several rows, the input projection outside the
+    loop (weights beyond FUSED_MAX_WEIGHT_BYTES), no projection or full peephole, two
+    threads and a loop above PARALLEL_MIN_MACS. The ranges split at a whole panel.
+    """
+    directions, gates, out_size = layer.w_hh.shape
+    hidden = gates // 4
+    panel = 2 * _packed.lanes_of(layer.w_hh)
+    if (
+        fused
+        or directions != 1
+        or batch < 2
+        or layer.w_hr is not None
+        or layer.w_ch is not None
+        or get_num_threads() < 2
+        or not _sync.AVAILABLE
+        or hidden < 2 * panel
+        or steps * batch * gates * out_size < PARALLEL_MIN_MACS
+    ):
+        return []
+    middle = hidden // 2 // panel * panel
+    return [(0, 0, middle), (0, middle, hidden)]
+
+
+def _forward_units(
+    timings, layer, tasks, out, h_n, c_n, xp, xh, cstate, h0, c0, lengths, training
+) -> None:
+    """One layer's forward loop split by hidden units (see units_plan)."""
+    _, batch, out_size = h0.shape
+    dtype = layer.w_hh.dtype
+    packs = []
+    for d, first, end in tasks:
+        w = layer.w_hh[d : d + 1]
+        packed = _take(
+            _packed.columns_shape((1, 4 * (end - first), w.shape[2]), 4, w.itemsize), dtype
+        )
+        _timed(timings, "pack_weights", _packed.pack_unit_columns, packed, w, first, end - first)
+        packs.append(packed)
+    state = np.empty((2, batch, out_size), dtype)
+    state[0] = h0[0]
+    counter = np.zeros(1, np.int64)
+    peep = _optional(layer.peep, dtype)
+    calls = [
+        (out, h_n, c_n, xp, xh, cstate, h0, c0, packed, peep, lengths, *task, state, counter,
+         len(tasks), training)
+        for packed, task in zip(packs, tasks, strict=True)
+    ]  # fmt: skip
+    _timed(timings, "time_loop", _run_one_row, _kernels.layer_forward_units, calls, len(tasks),
+           True)  # fmt: skip
+    _give(*packs)
 
 
 def _forward_one_row(

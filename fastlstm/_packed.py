@@ -399,8 +399,23 @@ def pack_columns(packed, w, blocks, k_first):
     Every lane is written (zero past a block's end and in an odd count's last vector), so
     ``packed`` may hold anything before.
     """
+    total = w.shape[1]
+    _pack_blocks(packed, w, blocks, k_first, 0, total // blocks if blocks > 0 else 0)
+
+
+@jit
+def pack_unit_columns(packed, w, first, units):
+    """:func:`pack_columns` of the four gate blocks' columns first..first+units-1 only (a
+    thread's share of the hidden units); ``packed`` shaped by :func:`columns_shape` of
+    (D, 4 units, K)."""
+    _pack_blocks(packed, w, 4, 0, first, units)
+
+
+@jit
+def _pack_blocks(packed, w, blocks, k_first, first, width):
+    """Columns first..first+width-1 of each of the ``blocks`` blocks of W as panels."""
     directions, total, inner = w.shape
-    width = total // blocks if blocks > 0 else 0
+    block_width = total // blocks if blocks > 0 else 0
     lanes = lanes_of(w)
     per_block = (width + lanes - 1) // lanes
     count = blocks * per_block
@@ -415,7 +430,7 @@ def pack_columns(packed, w, blocks, k_first):
             col0 = (q - block * per_block) * lanes
             valid = min(lanes, width - col0) if q < count else 0
             t_off = ((d * panels + q // 2) * depth + k_first) * panel_width + (q % 2) * lanes
-            s_off = (d * total + block * width + col0) * inner
+            s_off = (d * total + block * block_width + first + col0) * inner
             _transpose_rows(target, t_off, panel_width, source, s_off, inner, inner, valid, lanes)
 
 

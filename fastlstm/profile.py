@@ -127,6 +127,30 @@ def _recurrent_tasks(lstm: fl.LSTM, shape: Shape, plan: list, rng) -> list[list[
     return layers
 
 
+def _unit_tasks(lstm: fl.LSTM, shape: Shape, plan: list, rng) -> list[list[tuple]]:
+    """Per layer, the argument sets of ``recurrent_products_only`` for the hidden-unit split
+    (``_engine.units_plan``): each task multiplies every row by its units' part of W_hh
+    (its block of gates written as if H were its unit count: the same products)."""
+    dtype = lstm.dtype
+    out = lstm.proj_size or lstm.hidden_size
+    layers = []
+    for layer in lstm._layers:
+        tasks = []
+        for d, first, end in plan:
+            w_hh = np.ascontiguousarray(layer.w_hh[d : d + 1])
+            units = end - first
+            packed_hh = np.empty(
+                _packed.columns_shape((1, 4 * units, out), 4, dtype.itemsize), dtype
+            )
+            _packed.pack_unit_columns(packed_hh, w_hh, first, units)
+            h = (0.5 * rng.standard_normal((shape.batch, out))).astype(dtype)
+            xp = np.zeros((1, 4, 1, shape.batch * units), dtype)
+            empty = _engine._pack_columns(w_hh, 0)
+            tasks.append((xp, h, h, w_hh, empty, packed_hh, False, shape.seq))
+        layers.append(tasks)
+    return layers
+
+
 def _one_row_tasks(lstm: fl.LSTM, shape: Shape, plan: list, rng) -> list[list[tuple]]:
     """Per layer, the argument sets of ``one_row_products_only``, one per task of the
     engine's one-row plan (direction, first chunk, end chunk)."""
@@ -162,9 +186,9 @@ def _time_recurrent(
 
 def _plan_text(plan: dict[str, Any], threads_n: int) -> str:
     blas = "BLAS held to 1 thread" if plan["blas_single"] else f"BLAS on {threads_n} threads"
-    if plan["one_row"]:
+    if plan["one_row"] or plan.get("units_split"):
         blas = "no BLAS in the loop"
-    unit = "hidden chunks" if plan["one_row"] else "rows"
+    unit = "hidden chunks" if plan["one_row"] else "units" if plan.get("units_split") else "rows"
     if plan["tasks"]:
         spans = ", ".join(f"direction {d} {unit} {a}..{b - 1}" for d, a, b in plan["tasks"])
         return f"{len(plan['tasks'])} parallel tasks on fastlstm's thread pool ({spans}); {blas}"
@@ -273,17 +297,25 @@ def profile(
         # The engine's plan: tasks (direction, first row, end row), run in parallel or one
         # after another, BLAS held to one thread or not.
         one_row = shape.batch == 1  # the profiled models have no projection or peepholes
+        unit_tasks = []
         if one_row:
             chunks = _packed.units_shape(lstm._layers[0].w_hh.shape, dtype.itemsize)[2]
             plan, _, parallel = _engine.one_row_plan(shape.seq, directions, gates, out_size, chunks)
             blas_single, kernel = False, _kernels.one_row_products_only
             tasks = _one_row_tasks(lstm, shape, plan, rng)
         else:
-            plan, parallel, blas_single = _engine._plan(
-                shape.seq, shape.batch, directions, gates, out_size
-            )
+            layer0 = lstm._layers[0]
+            fused0 = _engine.fuses_input_projection(shape.batch, layer0.w_ih, layer0.w_hh)
+            unit_tasks = _engine.units_plan(shape.seq, shape.batch, layer0, fused0)
             kernel = _kernels.recurrent_products_only
-            tasks = _recurrent_tasks(lstm, shape, plan, rng)
+            if unit_tasks:
+                plan, parallel, blas_single = unit_tasks, True, False
+                tasks = _unit_tasks(lstm, shape, plan, rng)
+            else:
+                plan, parallel, blas_single = _engine._plan(
+                    shape.seq, shape.batch, directions, gates, out_size
+                )
+                tasks = _recurrent_tasks(lstm, shape, plan, rng)
         recurrent_first = _first_call(lambda: _time_recurrent([tasks[0][:1]], False, False, kernel))
         _time_recurrent(tasks, parallel, blas_single, kernel)  # warm-up (pool, caches)
         recurrent_s = statistics.fmean(
@@ -319,9 +351,14 @@ def profile(
             "directions": directions,
             "macs": shape.seq * shape.batch * directions * gates * out_size,
             "recurrent_kernel": (
-                "one-row micro-kernel, hidden units split" if one_row else "packed micro-kernel"
+                "one-row micro-kernel, hidden units split"
+                if one_row
+                else "packed micro-kernel, hidden units split"
+                if unit_tasks
+                else "packed micro-kernel"
             ),
             "one_row": one_row,
+            "units_split": bool(unit_tasks),
             "fused_input_projection": fused,
             "numba_parallel_kernels": any(d.targetoptions.get("parallel") for d in _dispatchers()),
         },

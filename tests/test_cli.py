@@ -289,3 +289,22 @@ def test_python_dash_m_help():
         timeout=120,
     )
     assert done.returncode == 0 and "--under-load" in done.stdout
+
+
+def test_profile_times_the_hidden_unit_split_as_the_loop_runs_it(capsys, monkeypatch, tmp_path):
+    """Weights beyond the fused limit (forced to 0 here): the loop splits hidden units over
+    the two threads, and the profile's products-alone run the same split."""
+    from fastlstm import _engine
+
+    if THREADS != "2":
+        pytest.fail("this machine has fewer than 2 cores; the suite expects at least 2")
+    monkeypatch.setattr(_engine, "FUSED_MAX_WEIGHT_BYTES", 0)
+    monkeypatch.setattr(_engine, "PARALLEL_MIN_MACS", 0)
+    json_path = tmp_path / "profile.json"
+    text = _run(capsys, "profile", "--batch", "8", "--seq", "5", "--input", "16", "--hidden",
+                "64", "--repeats", "2", "--threads", "2", "--json", str(json_path))  # fmt: skip
+    assert "packed micro-kernel, hidden units split" in text
+    assert "direction 0 units 0..31, direction 0 units 32..63); no BLAS in the loop" in text
+    result = json.loads(json_path.read_text())
+    assert result["plan"]["units_split"] and not result["plan"]["fused_input_projection"]
+    assert _positive(result["recurrent_products_s"]) and _positive(result["phases_s"]["input_gemm"])

@@ -861,3 +861,41 @@ def test_every_input_projection_route_matches_the_reference(
     expected_calls = {"in-loop": (False, False), "packed": (False, True), "blas": (True, False)}
     used = (calls["project_inputs"] > 0, calls["project_inputs_packed"] > 0)
     assert used == expected_calls[taken]
+
+
+@dtypes
+@pytest.mark.parametrize("peephole", [None, "diagonal"])
+def test_hidden_unit_split_equals_row_loop(rng, monkeypatch, restore_threads, dtype, peephole):
+    """Weights beyond the fused limit, one direction, two threads: the forward loop splits
+    the hidden units (a barrier per step) and gives the row loop's numbers bit for bit
+    (one thread), with lengths, in training (then backward) and inference."""
+    monkeypatch.setattr(_engine, "PARALLEL_MIN_MACS", 0)
+    monkeypatch.setattr(_engine, "FUSED_MAX_WEIGHT_BYTES", 0)
+    seen = []
+    real = _engine._forward_units
+
+    def spy(*args):
+        seen.append(args[2])
+        return real(*args)
+
+    monkeypatch.setattr(_engine, "_forward_units", spy)
+    batch, hidden = 7, 40  # 40 units: 16 + 24 (a part-valid vector in the second range)
+    model = fl.LSTM(I, hidden, 2, peephole=peephole, dtype=dtype, seed=31)
+    lengths = np.array([5, 0, 3, 5, 1, 2, 4])
+    x = rng.standard_normal((T, batch, I)).astype(dtype)
+    dout = rng.standard_normal((T, batch, hidden)).astype(dtype)
+    args = (x, random_state(rng, model, batch), lengths, dout, *random_state(rng, model, batch))
+    fl.set_num_threads(1)
+    serial = run_forward_backward(model, *args)
+    assert seen == []
+    fl.set_num_threads(2)
+    split = run_forward_backward(model, *args)
+    assert seen == [[(0, 0, 16), (0, 16, 40)]] * 2  # both layers
+    for name, value in serial.items():
+        np.testing.assert_array_equal(split[name], value, err_msg=name)
+    model.eval()
+    out, (h_n, c_n) = model(x, args[1], lengths)
+    np.testing.assert_array_equal(out, serial["out"])
+    np.testing.assert_array_equal(h_n, serial["h_n"])
+    np.testing.assert_array_equal(c_n, serial["c_n"])
+    assert_matches_reference(split, model, args)

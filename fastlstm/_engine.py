@@ -3,11 +3,11 @@
 The public classes validate and lay out their inputs, then call :func:`forward` and
 :func:`backward` here with time-major, C-contiguous arrays in the model's dtype. Per layer:
 pack the weights for the micro-kernel (:mod:`fastlstm._packed`), plan the tasks (row
-chunks, directions, or a one-row batch's hidden units), run the time loops (which project
-each step's inputs themselves unless the batch is one row or the weights are large: then
-one GEMM over all steps first), and after the backward loop the weight gradients as GEMMs
-over all steps. Large scratch arrays come from a per-thread workspace. The only Python loop
-is over layers.
+chunks, directions, or hidden units: a one-row batch, or weights beyond the cache), run
+the time loops (which project each step's inputs themselves unless the batch is one row or
+the weights are large: then one product over all steps first), and after the backward loop
+the weight gradients as GEMMs over all steps. Large scratch arrays come from a per-thread
+workspace. The only Python loop is over layers.
 """
 
 from __future__ import annotations

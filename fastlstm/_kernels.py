@@ -82,6 +82,10 @@ def _copy2(dst, src):
             dst[r, j] = src[r, j]
 
 
+# The row-by-row loops below index arrays directly instead of slicing per row: every view
+# made inside a loop costs reference-count updates that dwarf a tiny row's arithmetic.
+
+
 @jit
 def _add_into_gates(xp, d, t, lo, hidden, step_sum):
     """xp[d, g, t] rows += step_sum[:, g*H:(g+1)*H]: a row-major product into gate-major."""

@@ -10,9 +10,11 @@ from fastlstm.linear import Linear
 from fastlstm.loss import mse_loss
 from fastlstm.lstm import LSTM, LSTMCell
 from fastlstm.optim import clip_grad_norm
+from fastlstm.stream import CellStream, Stream
 
 __all__ = [
     "LSTM",
+    "CellStream",
     "LSTMCell",
     "Linear",
     "Module",
@@ -21,5 +23,6 @@ __all__ = [
     "mse_loss",
     "optim",
     "set_num_threads",
+    "Stream",
 ]
 __version__ = "0.1.0"

@@ -16,6 +16,7 @@ from fastlstm import _engine
 from fastlstm._engine import LayerArrays
 from fastlstm._module import Module, check_positive_int, resolve_dtype
 from fastlstm._validate import check_shape, lengths_array, real_array
+from fastlstm.stream import CellStream, Stream
 
 PEEPHOLES = (None, "diagonal", "full")
 
@@ -331,6 +332,29 @@ class LSTM(Module):
             return np.ascontiguousarray(out.transpose(1, 0, 2))
         return out
 
+    # --------------------------------------------------------------- streaming
+    def stream(self, batch_size: int = 1) -> Stream:
+        """Start streaming inference: step the model as data arrives (see :class:`Stream`).
+
+        Parameters
+        ----------
+        batch_size : int, default 1
+            B, the number of sequences stepped together (rows); a positive integer.
+
+        Returns
+        -------
+        Stream
+            A session over a snapshot of the current weights (packed once; ``refresh()``
+            re-reads them) with zero state. Eval-mode numbers, no dropout; the model is
+            never changed.
+
+        Raises
+        ------
+        ValueError
+            If the model is bidirectional (its reverse direction needs the future).
+        """
+        return Stream(self, batch_size)
+
     # --------------------------------------------------------------- backward
     def backward(self, dout: Any, dh_n: Any = None, dc_n: Any = None):
         """Backpropagate the most recent training-mode forward not yet backpropagated.
@@ -446,6 +470,22 @@ class LSTMCell(Module):
 
     def __call__(self, x: Any, state: State | None = None) -> State:
         return self.forward(x, state)
+
+    def stream(self, batch_size: int = 1) -> CellStream:
+        """Start streaming inference: step the cell as data arrives (see :class:`CellStream`).
+
+        Parameters
+        ----------
+        batch_size : int, default 1
+            B, the number of sequences stepped together (rows); a positive integer.
+
+        Returns
+        -------
+        CellStream
+            A session over a snapshot of the current weights (``refresh()`` re-reads them)
+            with zero state; the cell is never changed.
+        """
+        return CellStream(self, batch_size)
 
     def forward(self, x: Any, state: State | None = None) -> State:
         """One step: x (B, I) or (I,); state (h, c), each (B, H) or (H,). Returns (h, c)."""

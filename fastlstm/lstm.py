@@ -227,6 +227,107 @@ class LSTM(Module):
             lstm.eval()
         return lstm
 
+    @classmethod
+    def from_onnx(cls, model: Any, node: str | None = None) -> LSTM:
+        """Build an LSTM from the ``LSTM`` operator(s) of an ONNX model (needs ``onnx``).
+
+        Parameters
+        ----------
+        model : onnx.ModelProto or str or os.PathLike
+            The model, or the path of a ``.onnx`` file (parsed as protocol buffers only).
+        node : str, optional
+            The name of the LSTM node to import. By default the graph's only LSTM node, or
+            its LSTM nodes chained as ``torch.onnx.export`` writes a stacked ``nn.LSTM``,
+            imported as one multi-layer model.
+
+        Returns
+        -------
+        LSTM
+            In eval mode, with the dtype of the node's weights; ``batch_first`` follows the
+            node's ``layout``, ``peephole="diagonal"`` if it has peepholes (P), ``bias=False``
+            if it has no B.
+
+        Raises
+        ------
+        ValueError
+            If the file is not an ONNX model or holds no LSTM node, if ``node`` names none,
+            if several LSTM nodes are not one stack, or if a node uses what fastlstm cannot
+            run (other activations, ``clip``, ``input_forget=1``, ``direction="reverse"``,
+            weights computed at run time): the message names the node and the attribute.
+        FileNotFoundError
+            If the path does not exist.
+        """
+        from fastlstm.interop import onnx_io
+
+        return onnx_io.from_onnx(cls, model, node)
+
+    def to_onnx(self, path: Any = None, *, state: bool = False, lengths: bool = False) -> Any:
+        """Export this model's inference as an ONNX graph (needs ``onnx``).
+
+        One ONNX ``LSTM`` node per layer (opset 14), with this model's current weights; a
+        batch-first model is transposed around the nodes, since ONNX Runtime refuses
+        ``layout=1``. Dropout, a training-time operation, is not in the graph.
+
+        Parameters
+        ----------
+        path : str or os.PathLike, optional
+            Also write the model to this file.
+        state : bool, default False
+            Add graph inputs ``h0`` (L*D, B, H) and ``c0`` (L*D, B, H); zeros otherwise.
+        lengths : bool, default False
+            Add a graph input ``lengths`` (B,) int64: fastlstm's packed-sequence semantics.
+
+        Returns
+        -------
+        onnx.ModelProto
+            Input ``x`` in this model's layout (batch and time axes dynamic); outputs
+            ``out``, ``h_n``, ``c_n`` in the layouts of :meth:`forward`.
+
+        Raises
+        ------
+        ValueError
+            For ``proj_size`` and ``peephole="full"``, which ONNX's operator lacks (nothing
+            is written).
+        """
+        from fastlstm.interop import onnx_io
+
+        return onnx_io.to_onnx(self, path, state=state, lengths=lengths)
+
+    @classmethod
+    def from_keras(cls, source: Any) -> LSTM:
+        """Build an LSTM from a Keras LSTM layer, model or saved file.
+
+        Parameters
+        ----------
+        source : keras layer or model, or str or os.PathLike
+            A ``keras.layers.LSTM``, a ``Bidirectional(LSTM)`` with ``merge_mode="concat"``,
+            a model (Sequential or functional) of stacked LSTM layers, or the path of a
+            ``.keras`` file or a legacy ``.h5`` file. Files are read with ``h5py`` (the
+            ``keras`` extra) and a zip reader only: neither Keras nor TensorFlow is imported,
+            and nothing in the file is run.
+
+        Returns
+        -------
+        LSTM
+            In eval mode, ``batch_first=True``, float32 (float64 for float64 weights).
+            Keras's ``kernel`` and ``recurrent_kernel`` (gate order i, f, c, o) become
+            ``weight_ih`` and ``weight_hh`` transposed; its one ``bias`` becomes ``bias_ih``
+            (``bias_hh`` zero). A layer that returns only its last step gives ``out[:, -1]``.
+
+        Raises
+        ------
+        ValueError
+            For what fastlstm cannot run, naming the layer and the option: activations other
+            than tanh and sigmoid (Keras 2's ``hard_sigmoid``), ``go_backwards``, merge modes
+            other than ``concat``, layers other than LSTM, unequal layer sizes; and for files
+            that are not Keras models.
+        FileNotFoundError
+            If the path does not exist.
+        """
+        from fastlstm.interop import keras_io
+
+        return keras_io.from_keras(cls, source)
+
     # ---------------------------------------------------------------- forward
     def __call__(self, x: Any, state: State | None = None, lengths: Any = None):
         return self.forward(x, state, lengths)

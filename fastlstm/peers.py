@@ -16,18 +16,13 @@ torch, onnx and onnxruntime are optional: they are imported inside the functions
 them, never when fastlstm is imported. :func:`available_peers` and :func:`missing_peers`
 say which are installed; :func:`unsupported` says why a peer cannot run a given model.
 
-ONNX's conventions, and how the graph maps torch's onto them:
+The ONNX graph is ``lstm.to_onnx()`` (:mod:`fastlstm.interop.onnx_io` describes how
+torch's conventions map onto ONNX's). ONNX Runtime's CPU LSTM runs the reverse direction
+over each sequence's own valid steps and zeroes the outputs at padded steps: torch's
+packed-sequence semantics (``tests/test_peers.py``). Two differences:
 
-- gate order i, o, f, c (torch: i, f, g, o): W (D, 4H, I), R (D, 4H, H) and both halves of
-  B (D, 8H) = [W_b | R_b] are reordered block-wise;
-- peepholes P (D, 3H) in the order i, o, f (fastlstm's ``peephole_l{k}`` rows are i, f, o),
-  with the same meaning: i and f see c_{t-1}, o sees c_t;
-- layout 0: X (T, B, I), Y (T, D, B, H), which the graph transposes and reshapes to
-  torch's (T, B, D*H); ``sequence_lens`` (int32, B) carries the lengths. ONNX Runtime's
-  CPU LSTM runs the reverse direction over each sequence's own valid steps and zeroes the
-  outputs at padded steps: torch's packed-sequence semantics (``tests/test_peers.py``).
-  One difference: for a sequence of length 0 (which torch refuses) ONNX Runtime returns
-  h_n = c_n = 0, where fastlstm returns h0 and c0 (DESIGN.md);
+- for a sequence of length 0 (which torch refuses) ONNX Runtime returns h_n = c_n = 0,
+  where fastlstm returns h0 and c0 (DESIGN.md);
 - ONNX Runtime's CPU LSTM has no float64 kernel ("does not support double yet" in 1.32):
   :func:`ort_supports_float64` asks the installed version.
 """
@@ -36,22 +31,17 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Callable
-from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
 import numpy as np
 
 from fastlstm import reference
+from fastlstm.interop import onnx_io
 
 PEERS = ("torch", "onnxruntime", "reference")
 
-# ONNX's gate blocks, as indices of torch's blocks (i, f, g, o) -> ONNX (i, o, f, c).
-_ONNX_GATES = (0, 3, 1, 2)
-# ONNX's peephole rows (i, o, f), as indices of fastlstm's rows (i, f, o).
-_ONNX_PEEPHOLES = (0, 2, 1)
-ONNX_OPSET = 14
-_ONNX_IR_VERSION = 8  # IR of opset 14; older than the newest onnx writes, which any ORT reads
+ONNX_OPSET = onnx_io.ONNX_OPSET
 
 State = tuple[np.ndarray, np.ndarray]
 
@@ -105,11 +95,7 @@ def unsupported(peer: str, lstm: Any, mode: str = "forward") -> str | None:
 
 def _onnx_unsupported(lstm: Any) -> str | None:
     """Why ONNX's LSTM operator cannot express ``lstm``, or None."""
-    if lstm.proj_size:
-        return "ONNX's LSTM operator has no projection (proj_size)"
-    if lstm.peephole == "full":
-        return "ONNX's LSTM operator has only diagonal peepholes"
-    return None
+    return onnx_io.export_refusal(lstm)
 
 
 _ORT_FLOAT64: bool | None = None
@@ -240,170 +226,15 @@ class TorchRunner:
 # ------------------------------------------------------------------------------------- ONNX
 
 
-def _onnx_weights(lstm: Any, k: int) -> dict[str, np.ndarray]:
-    """Layer k's W, R, B and P in ONNX's layout and gate order, both directions stacked."""
-    _, directions, hidden = _sizes(lstm)
-    params = lstm.params
-    suffixes = ["", "_reverse"][:directions]
-
-    def gates(matrix: np.ndarray) -> np.ndarray:
-        blocks = matrix.reshape(4, hidden, *matrix.shape[1:])
-        return blocks[list(_ONNX_GATES)].reshape(matrix.shape)
-
-    w = np.stack([gates(params[f"weight_ih_l{k}{s}"]) for s in suffixes])
-    r = np.stack([gates(params[f"weight_hh_l{k}{s}"]) for s in suffixes])
-    weights = {"W": w, "R": r}
-    if lstm.bias:
-        weights["B"] = np.stack(
-            [
-                np.concatenate(
-                    [gates(params[f"bias_ih_l{k}{s}"]), gates(params[f"bias_hh_l{k}{s}"])]
-                )
-                for s in suffixes
-            ]
-        )
-    if lstm.peephole == "diagonal":
-        weights["P"] = np.stack(
-            [params[f"peephole_l{k}{s}"][list(_ONNX_PEEPHOLES)].reshape(-1) for s in suffixes]
-        )
-    return {name: np.ascontiguousarray(value, dtype=lstm.dtype) for name, value in weights.items()}
-
-
 def onnx_model(lstm: Any, *, with_state: bool = False, with_lengths: bool = False):
-    """An ONNX ``ModelProto`` computing ``lstm``'s eval-mode forward.
+    """An ONNX ``ModelProto`` computing ``lstm``'s eval-mode forward: ``lstm.to_onnx``.
 
-    Inputs: ``x`` in the model's layout ((T, B, I), or (B, T, I) with ``batch_first``);
-    with ``with_state``, ``h0_l{k}`` (D, B, H) and ``c0_l{k}`` (D, B, H) per layer k; with
-    ``with_lengths``, ``lengths`` (B,) int32. Outputs: ``out`` (torch's layout), ``h_n`` and
-    ``c_n`` (L*D, B, H). One LSTM operator per layer; between layers, Y (T, D, B, H) is
-    transposed and reshaped to (T, B, D*H). Dropout between layers is a training-time
-    operation and is not in the graph.
+    Inputs: ``x`` in the model's layout; with ``with_state``, ``h0`` and ``c0``
+    (L*D, B, H); with ``with_lengths``, ``lengths`` (B,) int64. Outputs ``out``, ``h_n``,
+    ``c_n`` in fastlstm's layouts. One LSTM operator per layer (see
+    :mod:`fastlstm.interop.onnx_io`).
     """
-    reason = _onnx_unsupported(lstm)
-    if reason:
-        raise ValueError(reason)
-    return _build_model(_OnnxConfig.of(lstm), _all_onnx_weights(lstm), with_state, with_lengths)
-
-
-@dataclass(frozen=True)
-class _OnnxConfig:
-    input_size: int
-    hidden_size: int
-    num_layers: int
-    bidirectional: bool
-    batch_first: bool
-    dtype: np.dtype
-
-    @classmethod
-    def of(cls, lstm: Any) -> _OnnxConfig:
-        return cls(
-            lstm.input_size,
-            lstm.hidden_size,
-            lstm.num_layers,
-            lstm.bidirectional,
-            lstm.batch_first,
-            lstm.dtype,
-        )
-
-
-def _all_onnx_weights(lstm: Any) -> list[dict[str, np.ndarray]]:
-    return [_onnx_weights(lstm, k) for k in range(lstm.num_layers)]
-
-
-def _build_model(lstm: _OnnxConfig, weights_per_layer, with_state: bool, with_lengths: bool):
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    layers, directions, hidden = _sizes(lstm)
-    elem = TensorProto.DOUBLE if lstm.dtype == np.float64 else TensorProto.FLOAT
-    direction = "bidirectional" if directions == 2 else "forward"
-    nodes, inits = [], []
-    batch_dim, steps_dim = "B", "T"
-    x_shape = (
-        [batch_dim, steps_dim, lstm.input_size]
-        if lstm.batch_first
-        else [steps_dim, batch_dim, lstm.input_size]
-    )
-    inputs = [helper.make_tensor_value_info("x", elem, x_shape)]
-    layer_in = "x"
-    if lstm.batch_first:
-        nodes.append(helper.make_node("Transpose", ["x"], ["x_tm"], perm=[1, 0, 2]))
-        layer_in = "x_tm"
-    if with_lengths:
-        inputs.append(helper.make_tensor_value_info("lengths", TensorProto.INT32, [batch_dim]))
-    inits.append(numpy_helper.from_array(np.array([0, 0, -1], dtype=np.int64), "flat_shape"))
-    h_outs, c_outs = [], []
-    for k in range(layers):
-        weights = weights_per_layer[k]
-        names = {key: f"{key}_l{k}" for key in weights}
-        inits += [numpy_helper.from_array(value, names[key]) for key, value in weights.items()]
-        if with_state:
-            for kind in ("h0", "c0"):
-                inputs.append(
-                    helper.make_tensor_value_info(
-                        f"{kind}_l{k}", elem, [directions, batch_dim, hidden]
-                    )
-                )
-        # LSTM inputs by position: X, W, R, B, sequence_lens, initial_h, initial_c, P.
-        op_inputs = [
-            layer_in,
-            names["W"],
-            names["R"],
-            names.get("B", ""),
-            "lengths" if with_lengths else "",
-            f"h0_l{k}" if with_state else "",
-            f"c0_l{k}" if with_state else "",
-            names.get("P", ""),
-        ]
-        while op_inputs[-1] == "":
-            op_inputs.pop()
-        y, y_h, y_c = f"y_l{k}", f"h_n_l{k}", f"c_n_l{k}"
-        nodes.append(
-            helper.make_node(
-                "LSTM",
-                op_inputs,
-                [y, y_h, y_c],
-                hidden_size=hidden,
-                direction=direction,
-                layout=0,
-                name=f"lstm_l{k}",
-            )
-        )
-        # Y (T, D, B, H) -> (T, B, D, H) -> (T, B, D*H): torch's layout, the next layer's X.
-        nodes.append(helper.make_node("Transpose", [y], [f"y_tb_l{k}"], perm=[0, 2, 1, 3]))
-        layer_out = "out_tm" if k == layers - 1 and lstm.batch_first else f"layer_out_l{k}"
-        if k == layers - 1 and not lstm.batch_first:
-            layer_out = "out"
-        nodes.append(helper.make_node("Reshape", [f"y_tb_l{k}", "flat_shape"], [layer_out]))
-        layer_in = layer_out
-        h_outs.append(y_h)
-        c_outs.append(y_c)
-    if lstm.batch_first:
-        nodes.append(helper.make_node("Transpose", ["out_tm"], ["out"], perm=[1, 0, 2]))
-    for name, parts in (("h_n", h_outs), ("c_n", c_outs)):
-        if layers == 1:
-            nodes.append(helper.make_node("Identity", parts, [name]))
-        else:
-            nodes.append(helper.make_node("Concat", parts, [name], axis=0))
-    out_shape = (
-        [batch_dim, steps_dim, directions * hidden]
-        if lstm.batch_first
-        else [steps_dim, batch_dim, directions * hidden]
-    )
-    outputs = [
-        helper.make_tensor_value_info("out", elem, out_shape),
-        helper.make_tensor_value_info("h_n", elem, [layers * directions, batch_dim, hidden]),
-        helper.make_tensor_value_info("c_n", elem, [layers * directions, batch_dim, hidden]),
-    ]
-    graph = helper.make_graph(nodes, "fastlstm", inputs, outputs, initializer=inits)
-    model = helper.make_model(
-        graph,
-        opset_imports=[helper.make_opsetid("", ONNX_OPSET)],
-        producer_name="fastlstm",
-        ir_version=_ONNX_IR_VERSION,
-    )
-    onnx.checker.check_model(model)
-    return model
+    return lstm.to_onnx(state=with_state, lengths=with_lengths)
 
 
 class OrtRunner:
@@ -431,8 +262,9 @@ class OrtRunner:
         self.threads = threads if threads is not None else get_num_threads()
         self.layers, self.directions, self.hidden = _sizes(lstm)
         self.dtype = lstm.dtype
-        self._config = _OnnxConfig.of(lstm)
-        self._weights = _all_onnx_weights(lstm)  # a snapshot: later edits to lstm are not seen
+        self._spec = onnx_io.OnnxSpec.of(lstm)
+        # A snapshot: later edits to lstm are not seen.
+        self._params = {name: value.copy() for name, value in lstm.params.items()}
         self._sessions: dict[tuple[bool, bool], Any] = {}
         self.log_severity_level = 2  # ONNX Runtime's default: warnings and up
 
@@ -446,7 +278,9 @@ class OrtRunner:
             options.execution_mode = self.ort.ExecutionMode.ORT_SEQUENTIAL
             options.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             options.log_severity_level = self.log_severity_level
-            model = _build_model(self._config, self._weights, with_state, with_lengths)
+            model = onnx_io.build_model(
+                self._spec, self._params, state=with_state, lengths=with_lengths
+            )
             self._sessions[key] = self.ort.InferenceSession(
                 model.SerializeToString(),
                 options,
@@ -458,13 +292,9 @@ class OrtRunner:
         """The input dict of :meth:`session`'s ``run`` for these arguments."""
         feeds = {"x": np.ascontiguousarray(x, dtype=self.dtype)}
         if state is not None:
-            h0, c0 = (np.asarray(s, dtype=self.dtype) for s in state)
-            d = self.directions
-            for k in range(self.layers):
-                feeds[f"h0_l{k}"] = np.ascontiguousarray(h0[k * d : (k + 1) * d])
-                feeds[f"c0_l{k}"] = np.ascontiguousarray(c0[k * d : (k + 1) * d])
+            feeds["h0"], feeds["c0"] = (np.ascontiguousarray(s, dtype=self.dtype) for s in state)
         if lengths is not None:
-            feeds["lengths"] = np.ascontiguousarray(lengths, dtype=np.int32)
+            feeds["lengths"] = np.ascontiguousarray(lengths, dtype=np.int64)
         return feeds
 
     def forward(

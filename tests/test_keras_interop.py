@@ -470,7 +470,13 @@ def test_bad_files_raise_a_clear_error_and_run_nothing(tmp_path, rng):
     with zipfile.ZipFile(tmp_path / "badjson.keras", "w") as archive:
         archive.writestr("config.json", b"{not json")
         archive.writestr("model.weights.h5", b"")
-    for name in [*files, "noconfig.keras", "badjson.keras", "only.weights.h5"]:
+    with zipfile.ZipFile(tmp_path / "good.keras") as good:
+        config, weights = good.read("config.json"), good.read("model.weights.h5")
+    with zipfile.ZipFile(tmp_path / "badweights.keras", "w") as archive:
+        archive.writestr("config.json", config)
+        archive.writestr("model.weights.h5", weights[: len(weights) // 2])
+    extra = ["noconfig.keras", "badjson.keras", "badweights.keras", "only.weights.h5"]
+    for name in [*files, *extra]:
         with pytest.raises(ValueError) as info:
             fl.LSTM.from_keras(tmp_path / name)
         assert name in str(info.value) or "Keras" in str(info.value), str(info.value)

@@ -370,7 +370,8 @@ def _read_h5_group_arrays(group: Any) -> list[np.ndarray]:
     if "vars" not in group:
         return []
     variables = group["vars"]
-    return [np.asarray(variables[key][()]) for key in sorted(variables, key=int)]
+    keys = sorted((key for key in variables if key.isdigit()), key=int)
+    return [np.asarray(variables[key][()]) for key in keys]
 
 
 def _keras3_arrays(store: Any, class_name: str, path: str, where: str) -> list[np.ndarray]:
@@ -433,7 +434,7 @@ def _read_keras_zip(path: str) -> list[_Entry]:
                 where_layer = f"Keras layer {name!r} in {path!r}"
                 arrays = _keras3_arrays(store, layer["class_name"], group, where_layer)
                 entries.append(_Entry(layer["class_name"], layer_config, arrays))
-    except OSError as exc:
+    except (OSError, KeyError, TypeError) as exc:
         raise ValueError(f"{where}: model.weights.h5 is not readable HDF5: {exc}") from exc
     return entries
 
@@ -470,8 +471,8 @@ def _read_legacy_h5(path: str) -> list[_Entry]:
                     raise ValueError(f"Keras layer {name!r}: weight missing in {path!r}") from exc
                 entries.append(_Entry(layer["class_name"], layer_config, arrays))
             return entries
-    except OSError as exc:
-        raise ValueError(f"{path!r} is not a readable HDF5 file: {exc}") from exc
+    except (OSError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path!r} is not a readable Keras HDF5 file: {exc}") from exc
 
 
 def _read_file(source: Any) -> list[_Entry]:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -602,3 +604,15 @@ def test_bad_files_raise_a_clear_error_and_run_nothing(tmp_path):
         fl.LSTM.from_onnx(tmp_path)
     with pytest.raises(TypeError, match="ModelProto"):
         fl.LSTM.from_onnx(data)
+
+
+def test_importing_fastlstm_needs_neither_onnx_nor_h5py():
+    code = (
+        "import sys, fastlstm, fastlstm.peers, fastlstm.interop.onnx_io, "
+        "fastlstm.interop.keras_io; "
+        "print(sorted(m for m in ('onnx', 'onnxruntime', 'h5py', 'keras') if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "[]"

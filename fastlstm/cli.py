@@ -115,6 +115,15 @@ def _add_bench(sub) -> None:
         "and each peer, alone and next to 2 busy processes; prints slowdowns",
     )
     parser.add_argument(
+        "--streaming",
+        action="store_true",
+        help="instead of the grid: one step of a live stream (stream.step with out=) against "
+        "ONNX Runtime's one-step call with state and torch.nn.LSTMCell, per step, float32, "
+        "I = H, over --stream-hidden x --stream-batch; also splits fastlstm's step",
+    )
+    parser.add_argument("--stream-hidden", default="64,128,256", help="H values for --streaming")
+    parser.add_argument("--stream-batch", default="1,16", help="B values for --streaming")
+    parser.add_argument(
         "--cold-start",
         action="store_true",
         help="instead of the grid: import + first forward (+ first training step with "
@@ -219,6 +228,8 @@ def _run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     from fastlstm import bench
 
     _check_threads(parser, args)
+    if args.streaming:
+        return _run_bench_streaming(args, parser)
     try:
         shapes = bench.parse_shapes(args.shapes)
     except ValueError as exc:
@@ -273,6 +284,29 @@ def _run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         bench.write_json(result, args.json)
     if args.plot:
         bench.plot(result, args.plot)
+    return 0
+
+
+def _run_bench_streaming(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import json
+
+    from fastlstm import bench_streaming
+
+    try:
+        hidden = [int(v) for v in args.stream_hidden.split(",")]
+        batches = [int(v) for v in args.stream_batch.split(",")]
+    except ValueError:
+        parser.error("--stream-hidden/--stream-batch: comma-separated positive integers")
+    if min(hidden + batches) < 1:
+        parser.error("--stream-hidden/--stream-batch: comma-separated positive integers")
+    names = [] if args.peers.strip() == "none" else [p.strip() for p in args.peers.split(",")]
+    result = bench_streaming.run(
+        hidden, batches, names, threads=args.threads, repeats=args.repeats, settle=args.settle
+    )
+    print(bench_streaming.format_table(result))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(result, handle, indent=2)
     return 0
 
 

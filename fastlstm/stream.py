@@ -59,6 +59,19 @@ def _scratch_size(dtype: np.dtype, one_row_width: int) -> int:
     return max(_packed.ROWS * 2 * lanes, one_row_width)
 
 
+def _one_row(batch: int, hidden: int, dtype: np.dtype) -> bool:
+    """Whether a step's main product is the one-row kernel (pack_units panels) rather than
+    the register tile (pack_columns panels).
+
+    One row: the one-row kernel keeps many independent accumulator chains, but works on
+    chunks of several vectors of hidden units per gate; when H fills at most half a chunk,
+    most of its work is padding and the register tile (two vectors wide) is faster
+    (measured, AVX-512, 128-unit chunks, per step: H = 64 one-row 4.0 us, tile 2.7; H = 100
+    5.8 and 6.6; H = 256 25 and 35)."""
+    chunk = _packed.units_shape((1, 4, 1), np.dtype(dtype).itemsize)[4]
+    return batch == 1 and 2 * hidden > chunk
+
+
 def _aligned_zeros(size: int, dtype: np.dtype) -> np.ndarray:
     """A zeroed 1-D array of ``size`` elements whose first element starts a cache line."""
     itemsize = np.dtype(dtype).itemsize
@@ -122,7 +135,7 @@ class Stream:
         model_layers = self._model._layers
         peephole = _PEEPHOLE_CODES[self._model.peephole]
         has_proj = model_layers[0].w_hr is not None
-        one_row = batch == 1
+        one_row = _one_row(batch, hidden, dtype)
         align = max(1, _LINE_BYTES // itemsize)
         cursor = 0
 

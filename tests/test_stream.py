@@ -14,6 +14,7 @@ from numba.core.runtime import _nrt_python, rtsys
 from utils import assert_close
 
 import fastlstm as fl
+from fastlstm._stream_kernels import M_ONE_ROW
 
 I, H, P = 5, 7, 3  # noqa: E741
 dtypes = pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
@@ -35,9 +36,9 @@ def tolerance(dtype) -> dict:
     return {"rtol": 1e-12, "atol": 1e-12} if np.dtype(dtype) == np.float64 else {}
 
 
-def make(config, dtype, *, seed=0, batch_first=False, bias=True):
+def make(config, dtype, *, seed=0, batch_first=False, bias=True, hidden=H):
     layers, proj, peephole = CONFIGS[config]
-    return fl.LSTM(I, H, layers, proj_size=proj, peephole=peephole, dtype=dtype, seed=seed,
+    return fl.LSTM(I, hidden, layers, proj_size=proj, peephole=peephole, dtype=dtype, seed=seed,
                    batch_first=batch_first, bias=bias)  # fmt: skip
 
 
@@ -84,6 +85,24 @@ def test_steps_and_chunks_equal_one_forward(rng, dtype, config, batch):
     assert_close(np.concatenate(parts), expected, dtype, **tolerance(dtype), what="chunks")
     assert_close(stream.state[0], h_n, dtype, **tolerance(dtype), what="chunked h_n")
     assert_close(stream.state[1], c_n, dtype, **tolerance(dtype), what="chunked c_n")
+
+
+@dtypes
+@pytest.mark.parametrize("config", ["L3", "L2-proj-diagonal", "L1-proj-full"])
+def test_one_row_kernel_equals_one_forward(rng, dtype, config):
+    """B = 1 with H beyond half a chunk of the one-row kernel takes that kernel (small H
+    takes the register tile, as B > 1 does)."""
+    model = make(config, dtype, hidden=70)
+    x = rng.standard_normal((6, 1, I)).astype(dtype)
+    expected, (h_n, c_n) = whole(model, x)
+    stream = model.stream()
+    assert stream._meta[M_ONE_ROW] == 1
+    assert make(config, dtype).stream()._meta[M_ONE_ROW] == 0
+    stepped = np.stack([stream.step(x[t]) for t in range(3)])
+    rest = stream(x[3:])
+    assert_close(np.concatenate([stepped, rest]), expected, dtype, **tolerance(dtype))
+    assert_close(stream.state[0], h_n, dtype, **tolerance(dtype))
+    assert_close(stream.state[1], c_n, dtype, **tolerance(dtype))
 
 
 @dtypes
@@ -395,3 +414,25 @@ def test_stream_arguments_refused():
     with pytest.raises(ValueError):
         fl.LSTMCell(I, H).stream(0)
     assert model.stream(np.int64(3)).batch_size == 3
+
+
+def test_bench_streaming_cli(capsys):
+    from fastlstm import cli
+
+    argv = ["bench", "--streaming", "--stream-hidden", "8", "--stream-batch", "1,2"]
+    assert cli.main([*argv, "--repeats", "3", "--settle", "0", "--threads", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "CPU: " in text
+    lines = text.splitlines()
+    rows = [line.split() for line in lines if line.lstrip().startswith("8 ")]
+    table = [row for row in rows if not row[2][0].isdigit()]  # H B peer peer_us fl_us ratio
+    splits = [row for row in rows if row[2][0].isdigit()]  # H B step python dispatch kernel
+    assert {row[2] for row in table} == {"torch", "onnxruntime"}, text
+    assert len(table) == 4 and len(splits) == 2, text
+    for row in table:
+        assert float(row[3]) > 0 and float(row[4]) > 0 and row[5].endswith("x")
+    for row in splits:
+        step, parts = float(row[2]), [float(v) for v in row[3:]]
+        assert step > 0 and all(v >= 0 for v in parts) and abs(sum(parts) - step) < 0.02
+    with pytest.raises(SystemExit):
+        cli.main([*argv[:2], "--stream-hidden", "0"])

@@ -88,6 +88,21 @@ def test_steps_and_chunks_equal_one_forward(rng, dtype, config, batch):
 
 
 @dtypes
+@pytest.mark.parametrize("config", ["L3", "L2-proj-diagonal", "L2-full"])
+def test_rows_bit_identical_to_fused_forward(rng, dtype, config):
+    """With B > 1 a step runs the fused forward loop's product and gate passes in the same
+    order (weights within its limit), so stream and forward agree to the bit."""
+    model = make(config, dtype)
+    x = rng.standard_normal((6, 3, I)).astype(dtype)
+    expected, (h_n, c_n) = whole(model, x)
+    stream = model.stream(3)
+    got = np.concatenate([stream(x[:2]), np.stack([stream.step(x[t]) for t in range(2, 6)])])
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(stream.state[0], h_n)
+    np.testing.assert_array_equal(stream.state[1], c_n)
+
+
+@dtypes
 @pytest.mark.parametrize("config", ["L3", "L2-proj-diagonal", "L1-proj-full"])
 def test_one_row_kernel_equals_one_forward(rng, dtype, config):
     """B = 1 with H beyond half a chunk of the one-row kernel takes that kernel (small H
@@ -117,6 +132,8 @@ def test_batch_first_and_unbatched(rng, dtype):
     first = stream(x[:, :5])
     second = stream(x[:, 5:])
     assert_close(np.concatenate([first, second], axis=1), expected, dtype, **tolerance(dtype))
+    assert_close(stream.state[1], c_n, dtype, **tolerance(dtype))
+    assert stream(np.zeros((3, 0, I), dtype)).shape == (3, 0, P)  # T = 0: nothing changes
     assert_close(stream.state[1], c_n, dtype, **tolerance(dtype))
     # one step of a batch-first model takes (B, I), as a cell does
     stream.reset()

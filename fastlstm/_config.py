@@ -6,9 +6,14 @@ give NaN outputs and saturated activations stay exact.
 
 from __future__ import annotations
 
+import hashlib
 import warnings
+from pathlib import Path
 
 import numba
+from numba.core.caching import FunctionCache
+
+from fastlstm._cpu import CPU, VARIANT
 
 FASTMATH = {"nsz"}
 # Reductions (dot products) vectorise only if the sum may be reassociated; they get this set.
@@ -26,8 +31,10 @@ PARALLEL_MIN_MACS = 4_000_000
 # A layer's time loop projects each step's inputs itself (x_t W_ih^T next to h W_hh^T,
 # while the step's gate block is in cache) when one direction's W_ih and W_hh together
 # take at most this many bytes: beyond, streaming both every step from memory costs more
-# than one GEMM over all steps before the loop.
-FUSED_MAX_WEIGHT_BYTES = 8 << 20
+# than one GEMM over all steps before the loop. A quarter of the last-level cache (the
+# rest holds the gates, states and other tenants' data): 8 MiB on a Zen 3 with 32 MiB of
+# L3, where 8 MiB was measured as the crossing point.
+FUSED_MAX_WEIGHT_BYTES = CPU.l3_bytes // 4
 
 # The input projection (when not in the loop) and the weight gradients are cut into this
 # many parts from PARALLEL_MIN_MACS on, run at once on fastlstm's threads with the BLAS on
@@ -48,11 +55,41 @@ SMALL_ROW_MACS = 4096
 MERGED_GRADIENT_MIN_ROWS = 1024
 
 
-def jit(*args, reductions: bool = False, **kwargs):
+def _kernel_key() -> str:
+    """What compiled kernels depend on beyond their own function's code: the kernel variant
+    and the package's private modules (intrinsics, helpers and constants that kernels
+    inline). Numba's cache checks only a function's own bytecode and its CPU."""
+    digest = hashlib.sha256(repr(VARIANT).encode())
+    for path in sorted(Path(__file__).parent.glob("_*.py")):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:20]
+
+
+KERNEL_KEY = _kernel_key()
+
+
+class _KernelCache(FunctionCache):
+    """Numba's file cache, keyed also by :data:`KERNEL_KEY`: another variant, or an edit of a
+    module a kernel inlines, compiles anew instead of loading stale machine code."""
+
+    def _index_key(self, sig, codegen):
+        return (*super()._index_key(sig, codegen), KERNEL_KEY)
+
+
+def jit(*args, reductions: bool = False, inline: bool = False, **kwargs):
     """``numba.njit`` with fastlstm's flags and ``cache=True``, falling back to no cache.
 
     Numba raises at decoration time when it finds no writable cache folder (an installed
     package in a read-only location with no user cache dir); then we compile per process.
+    The cache is keyed by the kernel variant too (:class:`_KernelCache`).
+
+    ``inline=True`` (helpers that only kernels call) inlines the function into each caller
+    before typing (Numba's ``inline="always"``): it is then not compiled on its own, nor
+    linked into every caller and optimised and code-generated again there, which is how
+    Numba compiles calls between jit functions (measured: most of a first call's compile
+    time went to such wrappers and helpers). Literal integer arguments fold into the
+    caller instead of making one specialisation per value.
     """
 
     def decorate(func):
@@ -64,8 +101,12 @@ def jit(*args, reductions: bool = False, **kwargs):
             "error_model": "numpy",
             **kwargs,
         }
+        if inline:
+            return numba.njit(inline="always", **options)(func)
         try:
-            return numba.njit(cache=True, **options)(func)
+            dispatcher = numba.njit(cache=True, **options)(func)
+            dispatcher._cache = _KernelCache(func)
+            return dispatcher
         except RuntimeError as exc:  # "cannot cache function ...: no locator available"
             warnings.warn(f"fastlstm: compiling without cache ({exc})", stacklevel=2)
             return numba.njit(cache=False, **options)(func)
@@ -79,8 +120,8 @@ def jit(*args, reductions: bool = False, **kwargs):
 # instead of the BLAS when each part's rows of input take at most this many bytes: they
 # then stay in cache while every panel of W_ih streams past once (a one-row batch: 150 x
 # 256 rows against 1024 columns ran at about 100 GFLOP/s through OpenBLAS). Larger inputs
-# want the BLAS's cache blocking.
-PACKED_PROJECTION_BYTES = 256 << 10
+# want the BLAS's cache blocking. Half the core's L2 (the other half for the panels).
+PACKED_PROJECTION_BYTES = CPU.l2_bytes // 2
 
 # The input projection runs as GEMMs over blocks of about this many rows (steps x batch):
 # wide enough for the BLAS to run near its best, small enough for the scratch to stay in cache.

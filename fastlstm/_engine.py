@@ -30,6 +30,7 @@ from fastlstm._config import (
     SMALL_ROW_MACS,
     SPLIT_PARTS,
 )
+from fastlstm._precompile import notice_first_compile
 from fastlstm._threads import blas_single_threaded, get_num_threads, run_tasks
 
 
@@ -186,7 +187,7 @@ def _summed_bias(layer: LayerArrays) -> np.ndarray:
 
 
 def fuses_input_projection(batch: int, w_ih: np.ndarray, w_hh: np.ndarray) -> bool:
-    """Whether the time loop projects each step's input itself (see _kernels._forward_rows).
+    """Whether the time loop projects each step's input itself (see _kernels.layer_forward_rows).
 
     It does unless the batch is one row (the register tile would run one row at a time)
     or W_ih and W_hh together outgrow the cache (each step would stream both from
@@ -291,7 +292,8 @@ def _plan(steps: int, batch: int, directions: int, gates: int, out_size: int):
     packed W_hh is shared read-only, so each task runs its whole loop with no
     synchronisation (one fork/join per layer call, as ONNX Runtime splits its batch).
     Each direction's batch is split into as many row chunks as there are threads per
-    direction, keeping at least one register block of rows per chunk (a batch of one row
+    direction, keeping enough rows per chunk for a register block that keeps the FMA
+    units busy (:data:`fastlstm._packed.MIN_CHUNK_ROWS`; a batch of one row
     takes :func:`one_row_plan` unless it has a projection or full peepholes). The third
     item says whether the loops call the BLAS (a one-row batch's gemv): then it is held to
     one thread around them, as everywhere in the engine (see :func:`_held_blas`).
@@ -301,7 +303,7 @@ def _plan(steps: int, batch: int, directions: int, gates: int, out_size: int):
     serial = [(d, 0, batch) for d in range(directions)]
     if threads < 2 or steps * directions * step_macs < PARALLEL_MIN_MACS:
         return serial, False, batch == 1
-    chunks = max(1, min(threads // directions, batch // _packed.ROWS))
+    chunks = max(1, min(threads // directions, batch // _packed.MIN_CHUNK_ROWS))
     if directions * chunks < 2:
         return serial, False, batch == 1
     bounds = [batch * part // chunks for part in range(chunks + 1)]
@@ -383,6 +385,9 @@ def forward(
     caches = []
     layer_in = x
     tasks, in_parallel, blas_single = _plan(steps, batch, directions, gates, out_size)
+    one_row = batch == 1 and layers[0].w_hr is None and layers[0].w_ch is None
+    kernel = _kernels.layer_forward_one_row if one_row else _kernels.layer_forward_rows
+    notice_first_compile(kernel, dtype, "forward")
     for k, layer in enumerate(layers):
         width = layer_in.shape[2]
         inputs = layer_in.reshape(steps * batch, width)
@@ -463,6 +468,9 @@ def backward(
     dh0 = np.empty_like(dh_n)
     dc0 = np.empty_like(dc_n)
     tasks, in_parallel, blas_single = _plan(steps, batch, directions, gates, out_size)
+    one_row = batch == 1 and layers[0].w_hr is None and layers[0].w_ch is None
+    kernel = _kernels.layer_backward_one_row if one_row else _kernels.layer_backward_rows
+    notice_first_compile(kernel, dtype, "backward")
     d_layer_out = dout
     for k in range(len(layers) - 1, -1, -1):
         layer, grad, cache = layers[k], grads[k], caches[k]
@@ -511,7 +519,7 @@ def units_plan(steps: int, batch: int, layer: LayerArrays, fused: bool) -> list[
     """
     directions, gates, out_size = layer.w_hh.shape
     hidden = gates // 4
-    panel = 2 * _packed.lanes_of(layer.w_hh)
+    panel = 2 * (_packed.VECTOR_BYTES // layer.w_hh.itemsize)
     if (
         fused
         or directions != 1

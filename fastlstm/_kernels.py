@@ -49,6 +49,7 @@ from fastlstm._blas import gemm_ab, gemm_abt, gemm_atb
 from fastlstm._config import MERGED_GRADIENT_MIN_ROWS, PROJECTION_BLOCK_ROWS, SMALL_ROW_MACS, jit
 from fastlstm._packed import (
     ROWS,
+    SCRATCH_BYTES,
     copy_rows,
     lanes_of,
     product_ab,
@@ -67,14 +68,14 @@ from fastlstm._sync import arrive_and_wait
 # first call's compile time (measured with an empty cache).
 
 
-@jit
+@jit(inline=True)
 def _copy1(dst, src):
     """dst[:] = src for 1-D arrays of one length."""
     for j in range(src.shape[0]):
         dst[j] = src[j]
 
 
-@jit
+@jit(inline=True)
 def _copy2(dst, src):
     """dst[:, :] = src for 2-D arrays of one shape."""
     for r in range(src.shape[0]):
@@ -86,7 +87,7 @@ def _copy2(dst, src):
 # made inside a loop costs reference-count updates that dwarf a tiny row's arithmetic.
 
 
-@jit
+@jit(inline=True)
 def _add_into_gates(xp, d, t, lo, hidden, step_sum):
     """xp[d, g, t] rows += step_sum[:, g*H:(g+1)*H]: a row-major product into gate-major."""
     rows = step_sum.shape[0]
@@ -98,7 +99,7 @@ def _add_into_gates(xp, d, t, lo, hidden, step_sum):
                 block[base + j] += step_sum[r, g * hidden + j]
 
 
-@jit
+@jit(inline=True)
 def _gather_gates(step_grad, xp, d, t, lo, hidden):
     """step_grad[:, g*H:(g+1)*H] = xp[d, g, t] rows: gate-major back to row-major."""
     rows = step_grad.shape[0]
@@ -110,7 +111,7 @@ def _gather_gates(step_grad, xp, d, t, lo, hidden):
                 step_grad[r, g * hidden + j] = block[base + j]
 
 
-@jit
+@jit(inline=True)
 def _matmul_atb(c, a, b):
     """c += a.T @ b for a (K, M), b (K, N): sums over rows; by hand when tiny per row."""
     k, m = a.shape
@@ -125,7 +126,7 @@ def _matmul_atb(c, a, b):
                 c[i, col] += coef * b[r, col]
 
 
-@jit
+@jit(inline=True)
 def _tile_rows(vector, rows):
     """(rows * len(vector),) with ``vector`` repeated: per-unit weights for flat loops."""
     size = vector.shape[0]
@@ -136,7 +137,7 @@ def _tile_rows(vector, rows):
     return tiled
 
 
-@jit
+@jit(inline=True)
 def _tiled_peepholes(peep, d, rows):
     """Direction d's diagonal peepholes tiled over ``rows`` (empty when there are none)."""
     if peep.shape[1] == 0:
@@ -151,7 +152,7 @@ def _tiled_peepholes(peep, d, rows):
 # analysis and keep the loop scalar.
 
 
-@jit
+@jit(inline=True)
 def _gates_forward(ai, af, ag, ao, c_prev, c_next, m):
     """Plain step: pre-activations in, gates out; c_next and m = o tanh(c_next).
 
@@ -171,7 +172,7 @@ def _gates_forward(ai, af, ag, ao, c_prev, c_next, m):
         ao[j] = go
 
 
-@jit
+@jit(inline=True)
 def _gates_forward_reset(ai, af, ag, ao, c_prev, c_next, m, reset):
     """:func:`_gates_forward` for inference with one slot of gates: instead of the gates
     (nobody reads them), each block gets the bias back (``reset`` (4, units), the tiled
@@ -189,7 +190,7 @@ def _gates_forward_reset(ai, af, ag, ao, c_prev, c_next, m, reset):
         ao[j] = reset[3, j]
 
 
-@jit
+@jit(inline=True)
 def _gates_forward_diagonal(ai, af, ag, ao, c_prev, c_next, m, p_i, p_f, p_o):
     """Diagonal-peephole step (p_* tiled over the rows)."""
     for j in range(c_prev.shape[0]):
@@ -207,7 +208,7 @@ def _gates_forward_diagonal(ai, af, ag, ao, c_prev, c_next, m, p_i, p_f, p_o):
         ao[j] = go
 
 
-@jit
+@jit(inline=True)
 def _gates_forward_ifg(ai, af, ag, c_prev, c_next):
     """Full-peephole step, first half: i, f, g and the new cell (o needs c_t W_ch[o]^T)."""
     for j in range(c_prev.shape[0]):
@@ -220,7 +221,7 @@ def _gates_forward_ifg(ai, af, ag, c_prev, c_next):
         ag[j] = gg
 
 
-@jit
+@jit(inline=True)
 def _gates_forward_o(ao, c_next, m):
     """Full-peephole step, second half: ao already holds its W_ch term; m = o tanh(c_t)."""
     for j in range(c_next.shape[0]):
@@ -229,7 +230,7 @@ def _gates_forward_o(ao, c_next, m):
         ao[j] = go
 
 
-@jit
+@jit(inline=True)
 def _gates_backward(ai, af, ag, ao, dc, dm, c_t, c_prev, p_i, p_f, p_o):
     """Plain or diagonal-peephole step backward (p_* empty when there are no peepholes).
 
@@ -269,7 +270,7 @@ def _gates_backward(ai, af, ag, ao, dc, dm, c_t, c_prev, p_i, p_f, p_o):
         dc[j] = dct * gf + da_i * p_i[j] + da_f * p_f[j]  # and i, f see c_{t-1}
 
 
-@jit
+@jit(inline=True)
 def _gates_backward_o(ao, dc, dm, c_t):
     """Full-peephole backward, first half: dL/da_o, and dL/dc_t except via W_ch[o]."""
     unit = one(ao[0])
@@ -280,7 +281,7 @@ def _gates_backward_o(ao, dc, dm, c_t):
         dc[j] += dm[j] * go * (unit - tc * tc)
 
 
-@jit
+@jit(inline=True)
 def _gates_backward_ifg(ai, af, ag, dc, c_prev):
     """Full-peephole backward, second half: dL/da_ifg; dc becomes dL/dc_{t-1} but W_ch."""
     unit = one(ai[0])
@@ -298,7 +299,7 @@ def _gates_backward_ifg(ai, af, ag, dc, c_prev):
 # ------------------------------------------------------------------------- time loops
 
 
-@jit
+@jit(inline=True)
 def _any_padded(lengths, b0, b1, steps):
     """Whether any of rows b0..b1 has padded steps (then the loops restore carried state)."""
     for b in range(b0, b1):
@@ -308,11 +309,20 @@ def _any_padded(lengths, b0, b1, steps):
 
 
 @jit
-def _forward_rows(
+def layer_forward_rows(
     out, h_n, c_n, xp, xh, cstate, mstore,
     h0, c0, x, bias, w_hh, packed, w_hr, peep, w_ch, lengths, d, b0, b1, training,
 ):  # fmt: skip
-    """Direction d of one layer for batch rows b0..b1, over all steps."""
+    """Direction d of one layer for batch rows b0..b1, all steps: the forward kernel.
+
+    ``packed``: the panels of [W_ih | W_hh] (the loop projects its inputs: fused), W_hh
+    (not fused), W_hr, W_ch[i, f, g] and W_ch[o] (pack_columns; empty when absent). Fused,
+    the kernel projects x (T*B, I) itself, adding ``bias`` (D, 4H); else xp must already
+    hold the projection. In training, xh's x part must hold x (the kernel adds h_{t-1}).
+
+    Calls for different directions (or rows) share nothing but disjoint rows and columns of
+    the outputs, so the engine may run them on separate threads (kernels release the GIL).
+    """
     steps = out.shape[0]
     hidden = c0.shape[2]
     out_size = h0.shape[2]
@@ -336,7 +346,7 @@ def _forward_rows(
     # row's arithmetic never depends on the row split.)
     gemv = lengths.shape[0] == 1
     step_sum = np.empty((rows if gemv else 0, 4 * hidden), dtype=c.dtype)
-    scratch = np.empty(2 * ROWS * 32 // c.itemsize, dtype=c.dtype)
+    scratch = np.empty(SCRATCH_BYTES // c.itemsize, dtype=c.dtype)
     pan_ih, pan_hh, pan_hr, pan_ifg, pan_o = packed  # (p_i, p_f, p_o are the peepholes)
     # With [W_ih | W_hh]'s panels (pan_ih), each step's input projection is done here, in
     # one product [x_t | h_{t-1}] [W_ih | W_hh]^T while that step's gate block is in cache
@@ -442,11 +452,13 @@ def _forward_rows(
 
 
 @jit
-def _backward_rows(
+def layer_backward_rows(
     xp, dh0, dc0, dhstore, dout, dh_n, dc_n, cstate, c0,
     w_hh, packed, w_hr, peep, w_ch, lengths, d, b0, b1,
 ):  # fmt: skip
-    """Direction d of one layer backward for rows b0..b1: dL/da into xp, dh0 and dc0."""
+    """Direction d of one layer backward for batch rows b0..b1 (dL/da into xp, dh0 and
+    dc0): the backward kernel. ``packed``: the panels of W_hh, W_hr and W_ch (pack_rows;
+    empty when absent)."""
     steps = xp.shape[2]
     hidden = c0.shape[2]
     out_size = dh0.shape[2]
@@ -467,7 +479,7 @@ def _backward_rows(
     p_i, p_f, p_o = _tiled_peepholes(peep, d, rows)
     gemv = lengths.shape[0] == 1  # as in the forward loop
     step_grad = np.empty((rows if gemv else 0, 4 * hidden), dtype=dc.dtype)
-    scratch = np.empty(2 * ROWS * 32 // dc.itemsize, dtype=dc.dtype)
+    scratch = np.empty(SCRATCH_BYTES // dc.itemsize, dtype=dc.dtype)
     pan_hh, pan_hr, pan_ch = packed
     gate_stride = steps * xp.shape[3]
     for s in range(steps - 1, -1, -1):
@@ -577,7 +589,7 @@ def project_inputs_packed(xp, x, packed, bias, first, end):
     width_in = x.shape[1]
     gate_stride = steps * step_width
     flat = xp.reshape(xp.size)
-    scratch = np.empty(2 * ROWS * 32 // xp.itemsize, dtype=xp.dtype)
+    scratch = np.empty(SCRATCH_BYTES // xp.itemsize, dtype=xp.dtype)
     for d in range(directions):
         for g in range(4):
             base = (d * 4 + g) * gate_stride
@@ -590,28 +602,7 @@ def project_inputs_packed(xp, x, packed, bias, first, end):
         )  # fmt: skip
 
 
-@jit
-def layer_forward_rows(
-    out, h_n, c_n, xp, xh, cstate, mstore,
-    h0, c0, x, bias, w_hh, packed, w_hr, peep, w_ch, lengths, d, b0, b1, training,
-):  # fmt: skip
-    """Direction d of one layer for batch rows b0..b1, all steps: the forward kernel.
-
-    ``packed``: the panels of [W_ih | W_hh] (the loop projects its inputs: fused), W_hh
-    (not fused), W_hr, W_ch[i, f, g] and W_ch[o] (pack_columns; empty when absent). Fused,
-    the kernel projects x (T*B, I) itself, adding ``bias`` (D, 4H); else xp must already
-    hold the projection. In training, xh's x part must hold x (the kernel adds h_{t-1}).
-
-    Calls for different directions (or rows) share nothing but disjoint rows and columns of
-    the outputs, so the engine may run them on separate threads (kernels release the GIL).
-    """
-    _forward_rows(
-        out, h_n, c_n, xp, xh, cstate, mstore,
-        h0, c0, x, bias, w_hh, packed, w_hr, peep, w_ch, lengths, d, b0, b1, training,
-    )  # fmt: skip
-
-
-@jit
+@jit(inline=True)
 def _peephole_units(peep, d, lo, hi):
     """Direction d's diagonal peepholes i, f, o for hidden units lo..hi-1 (empty without)."""
     if peep.shape[1] == 0:
@@ -652,7 +643,7 @@ def layer_forward_units(
         for j in range(units):
             c[r * units + j] = c0[d, r, first + j]
     c_new = np.empty_like(c)
-    scratch = np.empty(2 * ROWS * 32 // c.itemsize, dtype=c.dtype)
+    scratch = np.empty(SCRATCH_BYTES // c.itemsize, dtype=c.dtype)
     gate_stride = xp.shape[2] * xp.shape[3]
     one_slot = xp.shape[2] != steps
     current = 0
@@ -833,21 +824,7 @@ def layer_backward_one_row(
     _copy1(dc0[d, 0, lo:hi], dc)
 
 
-@jit
-def layer_backward_rows(
-    xp, dh0, dc0, dhstore, dout, dh_n, dc_n, cstate, c0,
-    w_hh, packed, w_hr, peep, w_ch, lengths, d, b0, b1,
-):  # fmt: skip
-    """Direction d of one layer backward for batch rows b0..b1: the backward kernel.
-
-    ``packed``: the panels of W_hh, W_hr and W_ch (pack_rows; empty when absent)."""
-    _backward_rows(
-        xp, dh0, dc0, dhstore, dout, dh_n, dc_n, cstate, c0,
-        w_hh, packed, w_hr, peep, w_ch, lengths, d, b0, b1,
-    )  # fmt: skip
-
-
-@jit
+@jit(inline=True)
 def _product_whole_panels(c, a, b):
     """c += a b for C-contiguous c (M, N), a (M, K), b (K, N), N a whole number of panels
     (two SIMD vectors): the register tile straight over b's rows, no packing."""
@@ -861,10 +838,10 @@ def _product_whole_panels(c, a, b):
         for r0 in range(0, rows, ROWS):
             off = r0 * width + col0
             tile(c_flat, off, off + lanes, width, a_flat, r0 * inner, inner,
-                 b_flat, col0, width, inner, min(ROWS, rows - r0), 2)  # fmt: skip
+                 b_flat, col0, width, inner, min(ROWS, rows - r0), col0)  # fmt: skip
 
 
-@jit
+@jit(inline=True)
 def _dense_gradients_small(dx, gw_ih, gw_hh, gbias, xp, xh, w_ih, d):
     """Tiny sizes: dW_ih, dW_hh, the bias and dx of direction d as two products over all
     rows through the register tile (per-gate BLAS calls cost microseconds each here, and
@@ -1032,7 +1009,7 @@ def recurrent_products_only(xp, x, h, w_hh, packed_ih, packed_hh, gemv, steps):
     rows = h.shape[0]
     hidden = xp.shape[3] // rows
     step_sum = np.empty((rows, 4 * hidden), dtype=xp.dtype)
-    scratch = np.empty(2 * ROWS * 32 // xp.itemsize, dtype=xp.dtype)
+    scratch = np.empty(SCRATCH_BYTES // xp.itemsize, dtype=xp.dtype)
     stride = rows * hidden
     for _ in range(steps):
         if packed_ih.shape[1] > 0:

@@ -1,19 +1,22 @@
 """The recurrent products of the time loops, with W_hh packed once per call.
 
 Every step multiplies the (rows, P) state by the same W_hh. A BLAS call repacks W_hh on
-every step (for 32 x 256 x 1024 in float32, OpenBLAS reaches about half of this
-machine's peak); here W_hh is packed once per layer call into *panels* of two SIMD
-vectors of columns (16 float32 or 8 float64 columns, k-major), and a register-blocked
-micro-kernel multiplies up to 6 rows by one panel: 12 vector accumulators held in
-registers, per k one load per vector of the panel, one broadcast per row and 12 fused
-multiply-adds. It runs at 90-100 GFLOP/s on one core here, the machine's peak.
+every step (for 32 x 256 x 1024 in float32, OpenBLAS reached about half of a Zen 3's
+peak); here W_hh is packed once per layer call into *panels* of two SIMD vectors of
+columns (k-major), and a register-blocked micro-kernel multiplies up to ROWS rows by one
+panel: 2 ROWS vector accumulators held in registers, per k one load per vector of the
+panel, one broadcast per row and 2 ROWS fused multiply-adds.
+
+The vector width and ROWS come from the CPU (:mod:`fastlstm._cpu`): 64-byte vectors and
+12 rows with AVX-512's 32 registers, 32 bytes and 6 rows with AVX2's 16, 16 bytes on
+other CPUs. One algorithm, one generator of LLVM IR, a tile per CPU.
 
 The micro-kernel is written in LLVM IR through Numba intrinsics, with LLVM vector types:
 loops written in Python keep their accumulators in memory (measured: at most 17 GFLOP/s).
-The IR is generic (no x86 intrinsics); LLVM picks AVX2/FMA instructions on this machine.
+The IR is generic (no x86 intrinsics); LLVM picks the instructions for the target.
 
 Output addressing works for the gate-major layout directly: each of a panel's two
-vectors has its own base offset, so a panel may span two gates (H = 8: one vector per
+vectors has its own base offset, so a panel may span two gates (small H: one vector per
 gate) and the forward product adds straight into ``xp[d, gate, t]`` with no scratch.
 Columns are grouped per gate into vectors (padded with zero columns at a gate's end);
 a vector that is only partly valid goes through a small scratch tile instead, so no
@@ -32,213 +35,212 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from fastlstm._config import jit
+from fastlstm._cpu import VARIANT
 
-ROWS = 6  # rows of the register block (6 x 2 accumulators + 2 panel vectors + 1 broadcast)
-_VECTOR_BYTES = 32  # one AVX2 register
+VECTOR_BYTES = VARIANT.vector_bytes  # one SIMD register
+ROWS = VARIANT.rows  # rows of the register block: 2 ROWS accumulators + 2 panel vectors + 1
+# One row (a batch of one): this many vectors at once, so that independent accumulator
+# chains hide the multiply-add latency (2 per row would leave the FMA units idle).
+ROW_VECTORS = VARIANT.row_vectors
+# The fewest rows worth a thread's own chunk of a batch: a block of r rows keeps 2 r FMA
+# chains, and two FMA units of 4-5 cycles' latency need about 10 (or ROWS, if fewer).
+MIN_CHUNK_ROWS = min(ROWS, 5)
+# A part-valid panel goes through a scratch tile of this many elements (float32 upper bound).
+SCRATCH_BYTES = 2 * ROWS * VECTOR_BYTES
 
 
-def _make_tile(rows: int, vectors: int, prefetch: bool = False):
-    """An intrinsic: C[r, vector v] += sum_k A[r, k] B[k, vector v] for r < rows.
+def _emit_tile(context, builder, sig, args, rows: int, vectors: int, prefetch: bool) -> None:
+    """Emit C[r, vector v] += sum_k A[r, k] B[k, vector v] for r < rows at the builder's
+    position (arguments as :func:`_tile_any`'s); the builder ends in the tile's last block."""
+    c_arr, c_off0, c_off1, ldc, a_arr, a_off, lda, b_arr, b_off, ldb, kc = args[:11]
+    is64 = sig.args[0].dtype == types.float64
+    scalar = ir.DoubleType() if is64 else ir.FloatType()
+    lanes = VECTOR_BYTES // (8 if is64 else 4)
+    vector = ir.VectorType(scalar, lanes)
+    align = 8 if is64 else 4
+    i64 = ir.IntType(64)
+    fma = cgutils.get_or_insert_function(
+        builder.module,
+        ir.FunctionType(vector, [vector] * 3),
+        f"llvm.fma.v{lanes}f{64 if is64 else 32}",
+    )
 
-    Arguments (offsets and strides in elements of the arrays' own dtype):
-    ``tile(c, c_off0, c_off1, ldc, a, a_off, lda, b, b_off, ldb, kc)``; row r of vector v of
-    C starts at c_off_v + r ldc (vectors past the second follow the second: c_off1 +
-    (v - 1) lanes), A[r, k] is at a_off + r lda + k, B[k] (a panel row of ``vectors`` SIMD
-    vectors) at b_off + k ldb. Arrays must be C-contiguous.
+    def data(array_type, value):
+        return context.make_array(array_type)(context, builder, value).data
 
-    With ``prefetch``, one more argument ``pf_off``: each k also asks the cache for
-    b[pf_off + k ldb] (the next panel, while this one is multiplied), so that a panel
-    streamed from memory is already near when its turn comes.
+    c_ptr, a_ptr, b_ptr = (
+        data(sig.args[0], c_arr),
+        data(sig.args[4], a_arr),
+        data(sig.args[7], b_arr),
+    )
+
+    def const(value):
+        return ir.Constant(i64, value)
+
+    a_rows = [builder.gep(a_ptr, [builder.add(a_off, builder.mul(lda, const(r)))])
+              for r in range(rows)]  # fmt: skip
+    b_base = builder.gep(b_ptr, [b_off])
+    zero = ir.Constant(vector, [0.0] * lanes)
+    undef = ir.Constant(vector, ir.Undefined)
+    splat_mask = ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes)
+    offsets = [c_off0] + [builder.add(c_off1, const((v - 1) * lanes)) for v in range(1, vectors)]
+    entry = builder.block
+    loop = builder.append_basic_block(f"tile{rows}x{vectors}.loop")
+    done = builder.append_basic_block(f"tile{rows}x{vectors}.done")
+    builder.cbranch(builder.icmp_signed(">", kc, const(0)), loop, done)
+
+    builder.position_at_end(loop)
+    k = builder.phi(i64)
+    acc = [[builder.phi(vector) for _ in range(vectors)] for _ in range(rows)]
+    b_row = builder.gep(b_base, [builder.mul(k, ldb)])
+    if prefetch:
+        ahead = builder.gep(b_ptr, [builder.add(args[11], builder.mul(k, ldb))])
+        i32 = ir.IntType(32)
+        hint = cgutils.get_or_insert_function(
+            builder.module,
+            ir.FunctionType(ir.VoidType(), [ir.IntType(8).as_pointer()] + [i32] * 3),
+            "llvm.prefetch.p0",
+        )
+        # read, keep in every cache level, data cache
+        builder.call(
+            hint,
+            [
+                builder.bitcast(ahead, ir.IntType(8).as_pointer()),
+                ir.Constant(i32, 0),
+                ir.Constant(i32, 3),
+                ir.Constant(i32, 1),
+            ],
+        )
+    panel = [
+        builder.load(
+            builder.bitcast(builder.gep(b_row, [const(v * lanes)]), vector.as_pointer()),
+            align=align,
+        )
+        for v in range(vectors)
+    ]
+    summed = []
+    for r in range(rows):
+        value = builder.load(builder.gep(a_rows[r], [k]))
+        splat = builder.shuffle_vector(
+            builder.insert_element(undef, value, ir.Constant(ir.IntType(32), 0)),
+            undef,
+            splat_mask,
+        )
+        summed.append([builder.call(fma, [splat, panel[v], acc[r][v]])
+                       for v in range(vectors)])  # fmt: skip
+    k_next = builder.add(k, const(1))
+    k.add_incoming(const(0), entry)
+    k.add_incoming(k_next, loop)
+    for r in range(rows):
+        for v in range(vectors):
+            acc[r][v].add_incoming(zero, entry)
+            acc[r][v].add_incoming(summed[r][v], loop)
+    builder.cbranch(builder.icmp_signed("<", k_next, kc), loop, done)
+
+    builder.position_at_end(done)
+    totals = [[builder.phi(vector) for _ in range(vectors)] for _ in range(rows)]
+    for r in range(rows):  # every phi first: LLVM wants them at the block's top
+        for v in range(vectors):
+            totals[r][v].add_incoming(zero, entry)
+            totals[r][v].add_incoming(summed[r][v], loop)
+    for r in range(rows):
+        for v in range(vectors):
+            where = builder.add(offsets[v], builder.mul(ldc, const(r)))
+            pointer = builder.bitcast(builder.gep(c_ptr, [where]), vector.as_pointer())
+            previous = builder.load(pointer, align=align)
+            builder.store(builder.fadd(previous, totals[r][v]), pointer, align=align)
+
+
+def _tile_signature(c, a, b, *extra):
+    """The tile intrinsics' signature for these arrays, or None (Numba: no match)."""
+    if not (c.dtype == a.dtype == b.dtype and c.dtype in (types.float32, types.float64)):
+        return None
+    index = types.intp
+    return types.void(c, index, index, index, a, index, index, b, index, index, index, *extra)
+
+
+@intrinsic
+def _tile_any(typingctx, c, c_off0, c_off1, ldc, a, a_off, lda, b, b_off, ldb, kc, rows, pf_off):
+    """C[r, vector v] += sum_k A[r, k] B[k, vector v] for r < rows (1..ROWS) and the panel's
+    two vectors v: one register-blocked loop per row count, chosen by a switch.
+
+    Offsets and strides are in elements of the arrays' own dtype: row r of vector v of C
+    starts at c_off_v + r ldc, A[r, k] is at a_off + r lda + k, B[k] (a panel row of two
+    SIMD vectors) at b_off + k ldb. Arrays C-contiguous. Each k also asks the cache for
+    b[pf_off + k ldb] (the next panel, while this one is multiplied; pass b_off when there
+    is none): weights streamed from memory are then near when their turn comes (measured on
+    a Zen 3 at 32 rows x 1024 x 4096: 139 -> 153 GFLOP/s). A panel's last vector, when
+    only partly valid or past the end, goes through a scratch tile (the products below), so
+    there is no one-vector tile to compile.
     """
+    signature = _tile_signature(c, a, b, types.intp, types.intp)
+    if signature is None:
+        return None
 
     def codegen(context, builder, sig, args):
-        c_arr, c_off0, c_off1, ldc, a_arr, a_off, lda, b_arr, b_off, ldb, kc = args[:11]
-        is64 = sig.args[0].dtype == types.float64
-        scalar = ir.DoubleType() if is64 else ir.FloatType()
-        lanes = _VECTOR_BYTES // (8 if is64 else 4)
-        vector = ir.VectorType(scalar, lanes)
-        align = 8 if is64 else 4
-        i64 = ir.IntType(64)
-        fma = cgutils.get_or_insert_function(
-            builder.module,
-            ir.FunctionType(vector, [vector] * 3),
-            f"llvm.fma.v{lanes}f{64 if is64 else 32}",
-        )
-
-        def data(array_type, value):
-            return context.make_array(array_type)(context, builder, value).data
-
-        c_ptr, a_ptr, b_ptr = (
-            data(sig.args[0], c_arr),
-            data(sig.args[4], a_arr),
-            data(sig.args[7], b_arr),
-        )
-
-        def const(value):
-            return ir.Constant(i64, value)
-
-        a_rows = [builder.gep(a_ptr, [builder.add(a_off, builder.mul(lda, const(r)))])
-                  for r in range(rows)]  # fmt: skip
-        b_base = builder.gep(b_ptr, [b_off])
-        zero = ir.Constant(vector, [0.0] * lanes)
-        undef = ir.Constant(vector, ir.Undefined)
-        splat_mask = ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes)
-        offsets = [c_off0] + [
-            builder.add(c_off1, const((v - 1) * lanes)) for v in range(1, vectors)
-        ]
-        entry = builder.block
-        loop = builder.append_basic_block("tile.loop")
-        done = builder.append_basic_block("tile.done")
-        builder.cbranch(builder.icmp_signed(">", kc, const(0)), loop, done)
-
-        builder.position_at_end(loop)
-        k = builder.phi(i64)
-        acc = [[builder.phi(vector) for _ in range(vectors)] for _ in range(rows)]
-        b_row = builder.gep(b_base, [builder.mul(k, ldb)])
-        if prefetch:
-            ahead = builder.gep(b_ptr, [builder.add(args[11], builder.mul(k, ldb))])
-            hint = cgutils.get_or_insert_function(
-                builder.module,
-                ir.FunctionType(ir.VoidType(), [ir.IntType(8).as_pointer()] + [ir.IntType(32)] * 3),
-                "llvm.prefetch.p0",
-            )
-            i32 = ir.IntType(32)
-            # read, keep in every cache level, data cache
-            builder.call(
-                hint,
-                [
-                    builder.bitcast(ahead, ir.IntType(8).as_pointer()),
-                    ir.Constant(i32, 0),
-                    ir.Constant(i32, 3),
-                    ir.Constant(i32, 1),
-                ],
-            )
-        panel = [
-            builder.load(
-                builder.bitcast(builder.gep(b_row, [const(v * lanes)]), vector.as_pointer()),
-                align=align,
-            )
-            for v in range(vectors)
-        ]
-        summed = []
-        for r in range(rows):
-            value = builder.load(builder.gep(a_rows[r], [k]))
-            splat = builder.shuffle_vector(
-                builder.insert_element(undef, value, ir.Constant(ir.IntType(32), 0)),
-                undef,
-                splat_mask,
-            )
-            summed.append([builder.call(fma, [splat, panel[v], acc[r][v]])
-                           for v in range(vectors)])  # fmt: skip
-        k_next = builder.add(k, const(1))
-        k.add_incoming(const(0), entry)
-        k.add_incoming(k_next, loop)
-        for r in range(rows):
-            for v in range(vectors):
-                acc[r][v].add_incoming(zero, entry)
-                acc[r][v].add_incoming(summed[r][v], loop)
-        builder.cbranch(builder.icmp_signed("<", k_next, kc), loop, done)
-
-        builder.position_at_end(done)
-        totals = [[builder.phi(vector) for _ in range(vectors)] for _ in range(rows)]
-        for r in range(rows):  # every phi first: LLVM wants them at the block's top
-            for v in range(vectors):
-                totals[r][v].add_incoming(zero, entry)
-                totals[r][v].add_incoming(summed[r][v], loop)
-        for r in range(rows):
-            for v in range(vectors):
-                total = totals[r][v]
-                where = builder.add(offsets[v], builder.mul(ldc, const(r)))
-                pointer = builder.bitcast(builder.gep(c_ptr, [where]), vector.as_pointer())
-                previous = builder.load(pointer, align=align)
-                builder.store(builder.fadd(previous, total), pointer, align=align)
+        after = builder.append_basic_block("tile.after")
+        switch = builder.switch(args[11], after)
+        tile_args = list(args[:11]) + [args[12]]
+        for rows in range(1, ROWS + 1):
+            case = builder.append_basic_block(f"tile.case{rows}")
+            switch.add_case(ir.Constant(ir.IntType(64), rows), case)
+            builder.position_at_end(case)
+            _emit_tile(context, builder, sig, tile_args, rows, 2, True)
+            builder.branch(after)
+        builder.position_at_end(after)
         return context.get_dummy_value()
 
-    def typed(c, a, b):
-        """The intrinsic's signature for these arrays, or None (Numba: no match)."""
-        if not (c.dtype == a.dtype == b.dtype and c.dtype in (types.float32, types.float64)):
-            return None
-        index = types.intp
-        extra = (index,) if prefetch else ()
-        return types.void(c, index, index, index, a, index, index, b, index, index, index, *extra)
-
-    if prefetch:
-
-        @intrinsic
-        def tile(typingctx, c, c_off0, c_off1, ldc, a, a_off, lda, b, b_off, ldb, kc, pf_off):
-            signature = typed(c, a, b)
-            return None if signature is None else (signature, codegen)
-
-    else:
-
-        @intrinsic
-        def tile(typingctx, c, c_off0, c_off1, ldc, a, a_off, lda, b, b_off, ldb, kc):
-            signature = typed(c, a, b)
-            return None if signature is None else (signature, codegen)
-
-    return tile
+    return signature, codegen
 
 
-# One row (a batch of one): 8 vectors at once, so that 8 independent accumulator chains
-# hide the multiply-add latency (2 per row would leave the FMA units idle 3 cycles in 4).
-ROW_VECTORS = 8
-_row_tile = _make_tile(1, ROW_VECTORS)
-_t1a, _t2a, _t3a, _t4a, _t5a, _t6a = (_make_tile(rows, 1) for rows in range(1, ROWS + 1))
-_t1b, _t2b, _t3b, _t4b, _t5b, _t6b = (_make_tile(rows, 2) for rows in range(1, ROWS + 1))
-# Full blocks prefetch the next panel: weights larger than the cache stream from memory
-# every step, and the first block of rows to reach a panel waited for it (measured at
-# 32 rows x 1024 x 4096: 139 -> 153 GFLOP/s on two threads; 6 rows: 73 -> 106).
-_t6b_ahead = _make_tile(ROWS, 2, prefetch=True)
-_t5b_ahead = _make_tile(ROWS - 1, 2, prefetch=True)
+@intrinsic
+def _row_tile(typingctx, c, c_off0, c_off1, ldc, a, a_off, lda, b, b_off, ldb, kc):
+    """One row by ROW_VECTORS vectors (the one-row kernel): arguments as :func:`_tile_any`'s
+    without rows, vectors and prefetch."""
+    signature = _tile_signature(c, a, b)
+    if signature is None:
+        return None
+
+    def codegen(context, builder, sig, args):
+        _emit_tile(context, builder, sig, args, 1, ROW_VECTORS, False)
+        return context.get_dummy_value()
+
+    return signature, codegen
 
 
-@jit
+@jit(inline=True)
 def row_blocks(rows):
     """(count, base, extra): ``rows`` rows as ``count`` = ceil(rows / ROWS) register blocks,
-    the first ``extra`` of base + 1 rows, the rest of ``base``: spread evenly (32 rows:
-    6, 6, 5, 5, 5, 5) rather than full blocks and a small last one (6 x 5 + 2). A block of
-    r rows keeps 2r multiply-add chains going, and the FMA units need 10 to stay busy
-    (measured, two threads: 32 x 1024 x 2048 181 -> 193 GFLOP/s, 16 x 384 x 1024 173 ->
-    180). Each row's sums are the same in any block."""
+    the first ``extra`` of base + 1 rows, the rest of ``base``: spread evenly (32 rows, 6 per
+    block: 6, 6, 5, 5, 5, 5) rather than full blocks and a small last one (6 x 5 + 2). A
+    block of r rows keeps 2r multiply-add chains going, and the FMA units need about 10 to
+    stay busy (measured on a Zen 3, two threads: 32 x 1024 x 2048 181 -> 193 GFLOP/s,
+    16 x 384 x 1024 173 -> 180). Each row's sums are the same in any block."""
     count = (rows + ROWS - 1) // ROWS
     base = rows // count if count > 0 else 0
     return count, base, rows - base * count
 
 
-@jit
-def tile(c, c_off0, c_off1, ldc, a, a_off, lda, b, b_off, ldb, kc, rows, vectors):
-    """C[r, v] += A[r, :kc] B[:kc, v] for r < rows (at most ROWS) and vectors 1 or 2."""
-    if vectors == 2:
-        if rows == 6:
-            _t6b(c, c_off0, c_off1, ldc, a, a_off, lda, b, b_off, ldb, kc)
-        elif rows == 5:
-            _t5b(c, c_off0, c_off1, ldc, a, a_off, lda, b, b_off, ldb, kc)
-        elif rows == 4:
-            _t4b(c, c_off0, c_off1, ldc, a, a_off, lda, b, b_off, ldb, kc)
-        elif rows == 3:
-            _t3b(c, c_off0, c_off1, ldc, a, a_off, lda, b, b_off, ldb, kc)
-        elif rows == 2:
-            _t2b(c, c_off0, c_off1, ldc, a, a_off, lda, b, b_off, ldb, kc)
-        elif rows == 1:
-            _t1b(c, c_off0, c_off1, ldc, a, a_off, lda, b, b_off, ldb, kc)
-    elif rows == 6:
-        _t6a(c, c_off0, c_off1, ldc, a, a_off, lda, b, b_off, ldb, kc)
-    elif rows == 5:
-        _t5a(c, c_off0, c_off1, ldc, a, a_off, lda, b, b_off, ldb, kc)
-    elif rows == 4:
-        _t4a(c, c_off0, c_off1, ldc, a, a_off, lda, b, b_off, ldb, kc)
-    elif rows == 3:
-        _t3a(c, c_off0, c_off1, ldc, a, a_off, lda, b, b_off, ldb, kc)
-    elif rows == 2:
-        _t2a(c, c_off0, c_off1, ldc, a, a_off, lda, b, b_off, ldb, kc)
-    elif rows == 1:
-        _t1a(c, c_off0, c_off1, ldc, a, a_off, lda, b, b_off, ldb, kc)
+@jit(inline=True)
+def tile(c, c_off0, c_off1, ldc, a, a_off, lda, b, b_off, ldb, kc, rows, pf_off):
+    """C[r, v] += A[r, :kc] B[:kc, v] for r < rows (at most ROWS) and a panel's two vectors;
+    see :func:`_tile_any`. Integers pass through np.intp (see the products below)."""
+    _tile(
+        c, np.intp(c_off0), np.intp(c_off1), np.intp(ldc), a, np.intp(a_off), np.intp(lda),
+        b, np.intp(b_off), np.intp(ldb), np.intp(kc), np.intp(rows), np.intp(pf_off),
+    )  # fmt: skip
 
 
 @jit
+def _tile(c, c_off0, c_off1, ldc, a, a_off, lda, b, b_off, ldb, kc, rows, pf_off):
+    """:func:`tile`, compiled once per dtype: the tiles' IR is made and optimised once."""
+    _tile_any(c, c_off0, c_off1, ldc, a, a_off, lda, b, b_off, ldb, kc, rows, pf_off)
+
+
+@jit(inline=True)
 def lanes_of(array):
-    """Columns per SIMD vector for the array's dtype (8 float32 or 4 float64)."""
-    return _VECTOR_BYTES // array.itemsize
+    """Columns per SIMD vector for the array's dtype."""
+    return VECTOR_BYTES // array.itemsize
 
 
 # ------------------------------------------------------------------------------ packing
@@ -248,9 +250,12 @@ def _shuffle_masks(lanes: int) -> list[list[tuple[int, int, list[int]]]]:
     """The stages of an in-register lanes x lanes transpose as two-input shuffles.
 
     Each stage maps the previous stage's vectors to new ones: (left, right, mask) picks
-    lanes from the concatenation of vector ``left`` and vector ``right``. The float32 8 x 8
-    transpose is the classic unpack / shuffle / 128-bit permute sequence (LLVM lowers each
-    to one AVX instruction); float64 4 x 4 is unpack / 128-bit permute.
+    lanes from the concatenation of vector ``left`` and vector ``right``. Eight lanes take
+    the classic unpack / shuffle / 128-bit permute sequence and four unpack / 128-bit
+    permute (AVX2 does each in one instruction, within 128-bit halves where it can); any
+    other power of two takes log2(lanes) rounds of a perfect shuffle (vector i and vector
+    i + lanes/2 interleaved, low then high halves), which AVX-512 does in one two-source
+    permute each.
     """
     if lanes == 8:
         low, high = [0, 8, 1, 9, 4, 12, 5, 13], [2, 10, 3, 11, 6, 14, 7, 15]
@@ -263,12 +268,18 @@ def _shuffle_masks(lanes: int) -> list[list[tuple[int, int, list[int]]]]:
         # out k < 4 takes the low halves of u_k and u_{k+4}; out k + 4 their high halves
         permute = [(k % 4, k % 4 + 4, first if k < 4 else second) for k in range(8)]
         return [unpack, shuffle, permute]
-    low, high = [0, 4, 2, 6], [1, 5, 3, 7]
-    unpack = [(0, 1, low), (0, 1, high), (2, 3, low), (2, 3, high)]
-    first, second = [0, 1, 4, 5], [2, 3, 6, 7]
-    # out 0: (t0, t2) low halves; out 1: (t1, t3) low; out 2: (t0, t2) high; out 3: (t1, t3) high
-    permute = [(0, 2, first), (1, 3, first), (0, 2, second), (1, 3, second)]
-    return [unpack, permute]
+    if lanes == 4:
+        low, high = [0, 4, 2, 6], [1, 5, 3, 7]
+        unpack = [(0, 1, low), (0, 1, high), (2, 3, low), (2, 3, high)]
+        first, second = [0, 1, 4, 5], [2, 3, 6, 7]
+        # out 0: (t0, t2) low halves; out 1: (t1, t3) low; out 2: (t0, t2) high; 3: (t1, t3)
+        permute = [(0, 2, first), (1, 3, first), (0, 2, second), (1, 3, second)]
+        return [unpack, permute]
+    half = lanes // 2
+    low = [x for j in range(half) for x in (j, lanes + j)]
+    high = [x for j in range(half, lanes) for x in (j, lanes + j)]
+    zipped = [(i // 2, i // 2 + half, low if i % 2 == 0 else high) for i in range(lanes)]
+    return [zipped] * (lanes.bit_length() - 1)
 
 
 @intrinsic
@@ -283,7 +294,7 @@ def _transpose_block(typingctx, dst, dst_off, ld_dst, src, src_off, ld_src):
     def codegen(context, builder, sig, args):
         dst_arr, dst_off, ld_dst, src_arr, src_off, ld_src = args
         is64 = sig.args[0].dtype == types.float64
-        lanes = _VECTOR_BYTES // (8 if is64 else 4)
+        lanes = VECTOR_BYTES // (8 if is64 else 4)
         vector = ir.VectorType(ir.DoubleType() if is64 else ir.FloatType(), lanes)
         align = 8 if is64 else 4
         i64 = ir.IntType(64)
@@ -311,7 +322,7 @@ def _transpose_block(typingctx, dst, dst_off, ld_dst, src, src_off, ld_src):
     return signature, codegen
 
 
-@jit
+@jit(inline=True)
 def _transpose_rows(target, t_off, ld_target, source, s_off, ld_source, inner, valid, lanes):
     """target[t_off + k ld_target + j] = source[s_off + j ld_source + k] for k < inner and
     j < lanes (zero for j >= valid): ``valid`` rows of W, each ``inner`` long, become
@@ -342,7 +353,7 @@ def _move_vector(typingctx, dst, dst_off, src, src_off):
         dst_arr, dst_off, src_arr, src_off = args
         is64 = sig.args[0].dtype == types.float64
         vector = ir.VectorType(
-            ir.DoubleType() if is64 else ir.FloatType(), _VECTOR_BYTES // (8 if is64 else 4)
+            ir.DoubleType() if is64 else ir.FloatType(), VECTOR_BYTES // (8 if is64 else 4)
         )
         dst_ptr = context.make_array(sig.args[0])(context, builder, dst_arr).data
         src_ptr = context.make_array(sig.args[2])(context, builder, src_arr).data
@@ -354,7 +365,7 @@ def _move_vector(typingctx, dst, dst_off, src, src_off):
     return signature, codegen
 
 
-@jit
+@jit(inline=True)
 def copy_rows(target, t_off, ld_target, source, s_off, ld_source, rows, valid, width, lanes):
     """target[t_off + r ld_target + j] = source[s_off + r ld_source + j] for r < rows and
     j < width (zero for j >= valid); whole vectors of valid lanes are moved as vectors."""
@@ -373,7 +384,7 @@ def copy_rows(target, t_off, ld_target, source, s_off, ld_source, rows, valid, w
 def columns_shape(w_shape: tuple, blocks: int, itemsize: int) -> tuple:
     """The shape :func:`pack_columns` fills for W of ``w_shape`` (D, blocks*N, K)."""
     directions, total, inner = w_shape
-    lanes = _VECTOR_BYTES // itemsize
+    lanes = VECTOR_BYTES // itemsize
     width = total // blocks if blocks > 0 else 0
     count = blocks * ((width + lanes - 1) // lanes)
     return (directions, (count + 1) // 2, inner, 2 * lanes)
@@ -382,7 +393,7 @@ def columns_shape(w_shape: tuple, blocks: int, itemsize: int) -> tuple:
 def rows_shape(w_shape: tuple, itemsize: int) -> tuple:
     """The shape :func:`pack_rows` fills for W of ``w_shape`` (D, K, N)."""
     directions, inner, width = w_shape
-    panel_width = 2 * (_VECTOR_BYTES // itemsize)
+    panel_width = 2 * (VECTOR_BYTES // itemsize)
     return (directions, (width + panel_width - 1) // panel_width, inner, panel_width)
 
 
@@ -411,7 +422,7 @@ def pack_unit_columns(packed, w, first, units):
     _pack_blocks(packed, w, 4, 0, first, units)
 
 
-@jit
+@jit(inline=True)
 def _pack_blocks(packed, w, blocks, k_first, first, width):
     """Columns first..first+width-1 of each of the ``blocks`` blocks of W as panels."""
     directions, total, inner = w.shape
@@ -460,18 +471,20 @@ def pack_rows(packed, w):
 # ----------------------------------------------------------------------------- products
 
 
-# Callers pass literal integers (0, 4, ...), and Numba compiles a jit function once per
-# distinct literal: the public products pass every integer through np.intp (a plain int64)
-# to one implementation each (measured: five specialisations of the forward product, over
-# a second each, before).
+# The public products are inlined wrappers: they flatten the arrays and pass every integer
+# through np.intp, so each product is compiled once per dtype whatever its callers pass
+# (Numba compiles a jit function once per distinct array type and literal integer, and
+# links and optimises it again into every caller: measured, five specialisations of the
+# forward product took 15 of a first forward's 40 s of compilation).
 
 
-@jit
+@jit(inline=True)
 def product_abt(c, c_base, c_block_stride, ldc, width, rows, a, a_base, packed, d, blocks, scratch):
     """C += A W_d^T; see :func:`_product_abt`."""
     _product_abt(
-        c, np.intp(c_base), np.intp(c_block_stride), np.intp(ldc), np.intp(width),
-        np.intp(rows), a, np.intp(a_base), packed, np.intp(d), np.intp(blocks), scratch,
+        c.reshape(c.size), np.intp(c_base), np.intp(c_block_stride), np.intp(ldc),
+        np.intp(width), np.intp(rows), a.reshape(a.size), np.intp(a_base), packed, np.intp(d),
+        np.intp(blocks), scratch,
     )  # fmt: skip
 
 
@@ -513,27 +526,20 @@ def _product_abt(
             valid1 = min(lanes, width - col1)
         b_off = (d * panels + p) * inner * panel_width
         ahead = b_off + inner * panel_width if p + 1 < panels else b_off
-        if valid0 == lanes and valid1 == lanes:
+        if vectors == 2 and valid0 == lanes and valid1 == lanes:
             for i in range(count):
                 r0 = i * base + min(i, extra)
                 block = base + (1 if i < extra else 0)
                 shift = r0 * ldc
                 a_off = a_base + r0 * inner
-                if vectors == 2 and block == ROWS:
-                    _t6b_ahead(flat, off0 + shift, off1 + shift, ldc, a_flat, a_off, inner,
-                               b_flat, b_off, panel_width, inner, ahead)  # fmt: skip
-                elif vectors == 2 and block == ROWS - 1:
-                    _t5b_ahead(flat, off0 + shift, off1 + shift, ldc, a_flat, a_off, inner,
-                               b_flat, b_off, panel_width, inner, ahead)  # fmt: skip
-                else:
-                    tile(flat, off0 + shift, off1 + shift, ldc, a_flat, a_off, inner,
-                         b_flat, b_off, panel_width, inner, block, vectors)  # fmt: skip
+                tile(flat, off0 + shift, off1 + shift, ldc, a_flat, a_off, inner,
+                     b_flat, b_off, panel_width, inner, block, ahead)  # fmt: skip
             continue
-        for r0 in range(0, rows, ROWS):  # a part-valid vector: through the scratch tile
+        for r0 in range(0, rows, ROWS):  # a part-valid or absent vector: through a scratch
             block = min(ROWS, rows - r0)
             scratch[: block * panel_width] = 0
             tile(scratch, 0, lanes, panel_width, a_flat, a_base + r0 * inner, inner,
-                 b_flat, b_off, panel_width, inner, block, vectors)  # fmt: skip
+                 b_flat, b_off, panel_width, inner, block, b_off)  # fmt: skip
             for r in range(block):
                 shift = (r0 + r) * ldc
                 for j in range(valid0):
@@ -543,39 +549,39 @@ def _product_abt(
                         flat[off1 + shift + j] += scratch[r * panel_width + lanes + j]
 
 
-@jit
+@jit(inline=True)
 def product_ab(c, rows, a, a_base, a_block_stride, lda, kc, packed, d, k_first, blocks, scratch):
     """C += sum over blocks of A_g W_d[...]; see :func:`_product_ab`."""
     _product_ab(
-        c, np.intp(rows), a, np.intp(a_base), np.intp(a_block_stride), np.intp(lda),
-        np.intp(kc), packed, np.intp(d), np.intp(k_first), np.intp(blocks), scratch,
+        c.reshape(c.size), np.intp(c.shape[1]), np.intp(rows), a.reshape(a.size),
+        np.intp(a_base), np.intp(a_block_stride), np.intp(lda), np.intp(kc), packed,
+        np.intp(d), np.intp(k_first), np.intp(blocks), scratch,
     )  # fmt: skip
 
 
 @jit
-def _product_ab(c, rows, a, a_base, a_block_stride, lda, kc, packed, d, k_first, blocks, scratch):
+def _product_ab(
+    c_flat, width, rows, a, a_base, a_block_stride, lda, kc, packed, d, k_first, blocks, scratch
+):
     """C += sum over blocks g of A_g W_d[k_first + g kc : ..., :] with W packed by
     :func:`pack_rows`.
 
-    C (rows, N) C-contiguous. A_g's row r, column u is a.flat[a_base + g a_block_stride +
-    r lda + u] (u < kc): the gate-major dL/da of the time loops, block by block.
+    C (rows, width) C-contiguous, flat. A_g's row r, column u is a.flat[a_base + g
+    a_block_stride + r lda + u] (u < kc): the gate-major dL/da of the time loops, block by
+    block.
     """
-    width = c.shape[1]
-    lanes = lanes_of(c)
+    lanes = lanes_of(c_flat)
     panel_width = 2 * lanes
-    count_vectors = (width + lanes - 1) // lanes
     panels = packed.shape[1]
     inner = packed.shape[2]
     count, base, extra = row_blocks(rows)
-    c_flat = c.reshape(c.size)  # flat views, as in product_abt
-    a_flat = a.reshape(a.size)
+    a_flat = a
     b_flat = packed.reshape(packed.size)
     for p in range(panels):
         col0 = 2 * p * lanes
-        vectors = 2 if 2 * p + 1 < count_vectors else 1
         panel = (d * panels + p) * inner * panel_width
         following = panel + inner * panel_width if p + 1 < panels else panel
-        if col0 + vectors * lanes <= width:
+        if col0 + panel_width <= width:
             for g in range(blocks):
                 a_off = a_base + g * a_block_stride
                 b_off = panel + (k_first + g * kc) * panel_width
@@ -585,27 +591,20 @@ def _product_ab(c, rows, a, a_base, a_block_stride, lda, kc, packed, d, k_first,
                     block = base + (1 if i < extra else 0)
                     c_off = r0 * width + col0
                     a_row = a_off + r0 * lda
-                    if vectors == 2 and block == ROWS:
-                        _t6b_ahead(c_flat, c_off, c_off + lanes, width, a_flat, a_row, lda,
-                                   b_flat, b_off, panel_width, kc, ahead)  # fmt: skip
-                    elif vectors == 2 and block == ROWS - 1:
-                        _t5b_ahead(c_flat, c_off, c_off + lanes, width, a_flat, a_row, lda,
-                                   b_flat, b_off, panel_width, kc, ahead)  # fmt: skip
-                    else:
-                        tile(c_flat, c_off, c_off + lanes, width, a_flat, a_row, lda,
-                             b_flat, b_off, panel_width, kc, block, vectors)  # fmt: skip
+                    tile(c_flat, c_off, c_off + lanes, width, a_flat, a_row, lda,
+                         b_flat, b_off, panel_width, kc, block, ahead)  # fmt: skip
             continue
-        for r0 in range(0, rows, ROWS):  # a part-valid vector: through the scratch tile
+        for r0 in range(0, rows, ROWS):  # a part-valid or absent vector: through a scratch
             block = min(ROWS, rows - r0)
             scratch[: block * panel_width] = 0
             for g in range(blocks):
                 a_off = a_base + g * a_block_stride + r0 * lda
                 b_off = panel + (k_first + g * kc) * panel_width
                 tile(scratch, 0, lanes, panel_width, a_flat, a_off, lda,
-                     b_flat, b_off, panel_width, kc, block, vectors)  # fmt: skip
+                     b_flat, b_off, panel_width, kc, block, b_off)  # fmt: skip
             for r in range(block):
                 for j in range(min(panel_width, width - col0)):
-                    c[r0 + r, col0 + j] += scratch[r * panel_width + j]
+                    c_flat[(r0 + r) * width + col0 + j] += scratch[r * panel_width + j]
 
 
 # ----------------------------------------------------------------- batch of one row
@@ -614,7 +613,7 @@ def _product_ab(c, rows, a, a_base, a_block_stride, lda, kc, packed, d, k_first,
 def units_shape(w_shape: tuple, itemsize: int) -> tuple:
     """The shape :func:`pack_units` fills for W_hh of ``w_shape`` (D, 4H, P)."""
     directions, gates, inner = w_shape
-    width = ROW_VECTORS * (_VECTOR_BYTES // itemsize)
+    width = ROW_VECTORS * (VECTOR_BYTES // itemsize)
     hidden = gates // 4
     return (directions, 4, (hidden + width - 1) // width, inner, width)
 
@@ -643,16 +642,24 @@ def pack_units(packed, w):
                                     valid, lanes)  # fmt: skip
 
 
-@jit
+@jit(inline=True)
 def product_one_row(xp, base, gate_stride, hidden, h, packed, d, first, end, scratch):
     """xp.flat[base + g gate_stride + u] += sum_k h[k] W_hh[d, g H + u, k] for the hidden
     units u of chunks first..end-1 and every gate g; h (P,), packed from :func:`pack_units`,
-    scratch (one chunk,)."""
+    scratch (one chunk,). Flattens and passes on, as :func:`product_abt`."""
+    _product_one_row(
+        xp.reshape(xp.size), np.intp(base), np.intp(gate_stride), np.intp(hidden), h, packed,
+        np.intp(d), np.intp(first), np.intp(end), scratch,
+    )  # fmt: skip
+
+
+@jit
+def _product_one_row(flat, base, gate_stride, hidden, h, packed, d, first, end, scratch):
+    """:func:`product_one_row` on the flat gate array."""
     inner = h.shape[0]
     width = packed.shape[4]
     lanes = lanes_of(h)
     chunks = packed.shape[2]
-    flat = xp.reshape(xp.size)
     b_flat = packed.reshape(packed.size)
     for g in range(4):
         for chunk in range(first, end):
@@ -671,7 +678,7 @@ def product_one_row(xp, base, gate_stride, hidden, h, packed, d, first, end, scr
 def units_rows_shape(w_shape: tuple, itemsize: int) -> tuple:
     """The shape :func:`pack_units_rows` fills for W_hh of ``w_shape`` (D, 4H, P)."""
     directions, gates, inner = w_shape
-    width = ROW_VECTORS * (_VECTOR_BYTES // itemsize)
+    width = ROW_VECTORS * (VECTOR_BYTES // itemsize)
     return (directions, (inner + width - 1) // width, gates, width)
 
 
@@ -693,7 +700,7 @@ def pack_units_rows(packed, w):
                        min(width, inner - first), width, lanes)  # fmt: skip
 
 
-@jit
+@jit(inline=True)
 def product_one_row_back(dh, xp, base, gate_stride, hidden, packed, d, first, end, scratch):
     """dh[q] = sum_g sum_u xp.flat[base + g gate_stride + u] W_hh[d, g H + u, q] for the
     columns q of chunks first..end-1 (overwritten); packed from :func:`pack_units_rows`,

@@ -60,7 +60,7 @@ import numpy as np
 import threadpoolctl
 
 import fastlstm as fl
-from fastlstm import peers
+from fastlstm import _cpu, peers
 
 MODES = ("forward", "train")
 VARIANTS = ("standard", "diagonal", "full", "proj")
@@ -447,6 +447,16 @@ def cpu_busy(seconds: float = 1.0) -> float | None:
     return None if total <= 0 else 1.0 - (after[1] - before[1]) / total
 
 
+def cpu_text(machine: dict[str, Any]) -> str:
+    """One line: the CPU model, what LLVM compiles for, and the kernel variant that ran."""
+    cpu = machine["cpu"]["cpu"]
+    variant = _cpu.KernelVariant(**machine["cpu"]["variant"])
+    return (
+        f"{cpu['model']} ({cpu['llvm_name']}, {cpu['isa']}); L2 {cpu['l2_bytes'] >> 10} KiB, "
+        f"L3 {cpu['l3_bytes'] >> 20} MiB; kernel variant {variant.label}"
+    )
+
+
 def machine_info() -> dict[str, Any]:
     """Versions and thread configuration of what is measured (JSON-ready)."""
     blas = [
@@ -476,6 +486,7 @@ def machine_info() -> dict[str, Any]:
         "numba_threading_layer": layer,
         "numba_threads": numba.get_num_threads(),
         "cpu_count": os.cpu_count(),
+        "cpu": _cpu.info(),
         "peers": peers.available_peers(),
         "threadpools": blas,
     }
@@ -594,6 +605,7 @@ def format_table(result: dict[str, Any]) -> str:
     lines = [
         f"fastlstm bench: {config['dtype']}, variant {config['variant']}, {config['threads']} "
         f"threads per side, medians of alternating runs (up to {config['repeats']} pairs)",
+        f"CPU: {cpu_text(machine)}",
         f"machine: {machine['cpu_count']} CPUs; {config['dtype']} GEMM (a @ b, n=2048): "
         f"{result['gemm_gflops']:.1f} GFLOP/s; numba {machine['numba']}; "
         f"BLAS {blas_text or '?'}; peers {peer_text}",

@@ -160,6 +160,42 @@ def _add_profile(sub) -> None:
     parser.set_defaults(run=_run_profile)
 
 
+def _add_info(sub) -> None:
+    parser = sub.add_parser(
+        "info",
+        help="the CPU as fastlstm sees it, and the kernel variant and thresholds it chose",
+        description=(
+            "Print the CPU description fastlstm takes its kernels' shape from (model, the CPU "
+            "LLVM compiles for, vector instruction set and registers, cache sizes, cores), the "
+            "kernel variant in use and every variant this CPU can run (FASTLSTM_VARIANT "
+            "forces one), the thresholds derived from the caches, and the thread set-up."
+        ),
+    )
+    parser.add_argument("--json", action="store_true", help="print it as JSON instead")
+    parser.set_defaults(run=_run_info)
+
+
+def _add_compile(sub) -> None:
+    parser = sub.add_parser(
+        "compile",
+        help="compile the kernels for this CPU ahead of time (fills Numba's cache)",
+        description=(
+            "Compile fastlstm's kernels for this CPU and kernel variant now, so that the "
+            "first real call starts at once (for container images, CI and new environments). "
+            "Runs tiny calls down every route a real call may take, with a progress bar, "
+            "then prints the seconds per kernel that compiled (none when all came from the "
+            "cache)."
+        ),
+    )
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        help="comma-separated dtypes among float32, float64 (default float32)",
+    )
+    parser.add_argument("--train", action="store_true", help="also the training kernels")
+    parser.set_defaults(run=_run_compile)
+
+
 def _add_demo(sub, load: bool) -> None:
     """The demo subcommand; its arguments come from fastlstm.demo, imported only if chosen."""
     parser = sub.add_parser("demo", help="train a small model end to end (fastlstm.demo)")
@@ -179,14 +215,16 @@ def build_parser(*, load_demo: bool = False) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastlstm",
         description="fastlstm: a NumPy-native LSTM on Numba kernels. Subcommands: demo, "
-        "bench, profile.",
+        "bench, profile, info, compile.",
     )
     parser.add_argument("--version", action="version", version=f"fastlstm {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{demo,bench,profile}")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,bench,profile,info,compile}")
     sub.required = True
     _add_demo(sub, load_demo)
     _add_bench(sub)
     _add_profile(sub)
+    _add_info(sub)
+    _add_compile(sub)
     return parser
 
 
@@ -206,6 +244,61 @@ def _run_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from fastlstm import demo
 
     return demo.run(args)
+
+
+def _run_info(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import json
+    import os
+
+    import fastlstm
+    from fastlstm import _config, _cpu
+
+    report = _cpu.info()
+    report["thresholds"] = {
+        "fused_max_weight_bytes": _config.FUSED_MAX_WEIGHT_BYTES,
+        "packed_projection_bytes": _config.PACKED_PROJECTION_BYTES,
+        "parallel_min_macs": _config.PARALLEL_MIN_MACS,
+    }
+    report["threads"] = fastlstm.get_num_threads()
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    forced = os.environ.get(_cpu.ENV_VARIANT)
+    how = f"forced by {_cpu.ENV_VARIANT}={forced}" if forced else "the widest this CPU runs"
+    lines = [
+        f"CPU: {_cpu.CPU.summary()}",
+        f"kernel variant: {_cpu.VARIANT.label}, {how}",
+        f"variants this CPU runs: {', '.join(report['runnable_variants'])}",
+        f"fused input projection up to {_config.FUSED_MAX_WEIGHT_BYTES >> 20} MiB of weights "
+        f"(a quarter of L3); packed input projection up to "
+        f"{_config.PACKED_PROJECTION_BYTES >> 10} KiB of rows (half of L2)",
+        f"threads: {report['threads']} (fastlstm.set_num_threads sets fastlstm's, Numba's "
+        "and the BLAS's)",
+    ]
+    print("\n".join(lines))
+    return 0
+
+
+def _run_compile(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import time
+
+    from fastlstm import _cpu, _precompile
+
+    dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
+    wrong = [d for d in dtypes if d not in ("float32", "float64")]
+    if wrong or not dtypes:
+        parser.error(f"--dtype: expected float32 and/or float64, got {args.dtype!r}")
+    start = time.perf_counter()
+    seconds = _precompile.precompile(dtypes, train=args.train)
+    total = time.perf_counter() - start
+    print(f"CPU: {_cpu.CPU.model} ({_cpu.CPU.llvm_name}); kernel variant {_cpu.VARIANT.name}")
+    if not seconds:
+        print(f"every kernel came from Numba's cache ({total:.1f} s)")
+        return 0
+    print(f"compiled in {total:.1f} s; seconds per kernel (what it compiled beneath it included):")
+    for name, value in sorted(seconds.items(), key=lambda item: -item[1]):
+        print(f"  {value:7.2f}  {name}")
+    return 0
 
 
 def _demo_missing(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

@@ -34,7 +34,7 @@ import numpy as np
 import fastlstm as fl
 from fastlstm import _activations, _blas, _config, _engine, _kernels, _packed
 from fastlstm._threads import blas_single_threaded, run_tasks
-from fastlstm.bench import DEFAULT_THREADS, Shape, machine_info, threads
+from fastlstm.bench import DEFAULT_THREADS, Shape, cpu_text, machine_info, threads
 
 FORWARD_PHASES = ("input_gemm", "pack_weights", "time_loop", "dropout")
 BACKWARD_PHASES = ("backward_time_loop", "weight_gradients")
@@ -474,6 +474,7 @@ def format_profile(result: dict[str, Any]) -> str:
         f"threads: fastlstm.get_num_threads() = {machine['fastlstm_threads']} during the run "
         f"(asked: {config['threads']}); numba.get_num_threads() = {machine['numba_threads']}; "
         f"CPUs: {machine['cpu_count']}",
+        f"CPU: {cpu_text(machine)}",
         f"Numba threading layer: {machine['numba_threading_layer']} ({numba_use})",
         f"time loops: {_plan_text(plan, config['threads'])}",
         "thread pools (threadpoolctl.threadpool_info(), during the run):",

@@ -503,8 +503,8 @@ def compare_serial_and_parallel(rng, kernel_calls, model, batch, lengths, *, ulp
     fl.set_num_threads(2)
     parallel = run_forward_backward(model, *args)
     # Two directions run as one task each; one direction's batch is split into two row
-    # chunks when each has at least one register block of rows, else it stays serial.
-    split = model.bidirectional or batch >= 2 * _packed.ROWS
+    # chunks when each has enough rows for a busy register block, else it stays serial.
+    split = model.bidirectional or batch >= 2 * _packed.MIN_CHUNK_ROWS
     tasks_per_call = model.num_layers if split else 0
     assert kernel_calls["layer_forward_parallel"] == tasks_per_call
     assert kernel_calls["layer_backward_parallel"] == tasks_per_call
@@ -879,7 +879,11 @@ def test_hidden_unit_split_equals_row_loop(rng, monkeypatch, restore_threads, dt
         return real(*args)
 
     monkeypatch.setattr(_engine, "_forward_units", spy)
-    batch, hidden = 7, 40  # 40 units: 16 + 24 (a part-valid vector in the second range)
+    # Two panels and half a vector of units: the split gives the first thread one panel and
+    # the second the rest, a part-valid vector included.
+    lanes = _packed.VECTOR_BYTES // np.dtype(dtype).itemsize
+    panel = 2 * lanes
+    batch, hidden = 7, 2 * panel + lanes // 2
     model = fl.LSTM(I, hidden, 2, peephole=peephole, dtype=dtype, seed=31)
     lengths = np.array([5, 0, 3, 5, 1, 2, 4])
     x = rng.standard_normal((T, batch, I)).astype(dtype)
@@ -890,7 +894,7 @@ def test_hidden_unit_split_equals_row_loop(rng, monkeypatch, restore_threads, dt
     assert seen == []
     fl.set_num_threads(2)
     split = run_forward_backward(model, *args)
-    assert seen == [[(0, 0, 16), (0, 16, 40)]] * 2  # both layers
+    assert seen == [[(0, 0, panel), (0, panel, hidden)]] * 2  # both layers
     for name, value in serial.items():
         np.testing.assert_array_equal(split[name], value, err_msg=name)
     model.eval()

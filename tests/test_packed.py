@@ -13,7 +13,7 @@ DTYPES = [np.float32, np.float64]
 
 
 def lanes(dtype) -> int:
-    return 32 // np.dtype(dtype).itemsize
+    return _packed.VECTOR_BYTES // np.dtype(dtype).itemsize
 
 
 def expected_columns(w: np.ndarray, blocks: int) -> np.ndarray:

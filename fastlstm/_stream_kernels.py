@@ -15,7 +15,7 @@ Numba's dispatch costs about 100 ns per array):
     ws      (N,) float   the state and scratch: h (L, B, P), c (L, B, H), per layer the
                          gate block xp (4, B*H), the bias tiled over the rows (4, B*H) and
                          the diagonal peepholes tiled (3, B*H); c_new and m (B*H), the rows
-                         [x_t | h_{t-1}] (B, I_l + P) and the micro-kernel's scratch
+                         [x_t | h_{t-1}] (B, I_l + P) and the micro-kernel's scratch (one per part)
     panels  (M,) float   every layer's weights packed once for the micro-kernels: [W_ih |
                          W_hh] along K (pack_units for a batch of one row, pack_columns
                          otherwise), W_hr and W_ch[ifg], W_ch[o] (pack_columns)
@@ -23,9 +23,12 @@ Numba's dispatch costs about 100 ns per array):
 
 A plain layer's gate pass writes the bias back into its gate block (the block then holds
 the bias again, ready for the next step's product to add into: no bias pass per step);
-peephole layers copy the bias in first, as the fused forward loop does. With B > 1 the
-product, the bias and the gate passes are those of the fused forward loop of
-:mod:`fastlstm._kernels`, in the same order, so a stream gives that loop's numbers.
+peephole layers copy the bias in first, as the fused forward loop does, and so does every
+layer of a stream whose rows are stepped in parts on two threads (M_COPY_BIAS: a part's
+gate pass must not write another part's rows). With B > 1 the product, the bias and the
+gate passes are those of the fused forward loop of :mod:`fastlstm._kernels`, in the same
+order, so a stream gives that loop's numbers (and each row's sums are the same whatever
+rows share its register block, so parts change nothing either).
 
 Conventions: kernels never validate and allocate nothing; outputs first, then inputs,
 then sizes. x and out are C-contiguous, read and written through flat views with explicit
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 from fastlstm._config import jit
 from fastlstm._kernels import (
+    _gates_forward,
     _gates_forward_diagonal,
     _gates_forward_ifg,
     _gates_forward_o,
@@ -58,9 +62,10 @@ from fastlstm._packed import product_abt, product_one_row
     M_C_NEW,  # ws offset of c_new (B*H)
     M_M,  # ws offset of m (B*H), the gate pass's output before the projection
     M_ROWS,  # ws offset of the rows [x_t | h_{t-1}] (B, I_l + P)
-    M_SCRATCH_AT,  # ws offset of the scratch
-) = range(14)
-_HEADER = 14
+    M_SCRATCH_AT,  # ws offset of the scratch (one per part of the rows, each M_SCRATCH long)
+    M_COPY_BIAS,  # 1: every layer copies the bias into its gate block each step
+) = range(15)
+_HEADER = 15
 # meta[_HEADER + l * _RECORD :][:_RECORD]: layer l.
 (
     R_WIDTH,  # I_l: the layer's input width
@@ -110,9 +115,11 @@ def _panels5(panels, meta, at):
 
 
 @jit
-def _advance(out, o_base, o_row, x, x_base, x_row, ws, panels, meta):
-    """One step of every layer: x rows at x[x_base + b x_row :], the top layer's h_t to
-    out[o_base + b o_row :] (both flat); the state in ws moves on by one step."""
+def _advance(out, o_base, o_row, x, x_base, x_row, ws, panels, meta, b0, b1, part):
+    """One step of every layer for rows b0..b1: x rows at x[x_base + b x_row :], the top
+    layer's h_t to out[o_base + b o_row :] (both flat); those rows' state in ws moves on
+    by one step. Calls for disjoint rows (with different ``part``: their own scratch) may
+    run at once on separate threads."""
     layers = meta[M_LAYERS]
     batch = meta[M_BATCH]
     hidden = meta[M_HIDDEN]
@@ -120,23 +127,28 @@ def _advance(out, o_base, o_row, x, x_base, x_row, ws, panels, meta):
     one_row = meta[M_ONE_ROW] == 1
     peephole = meta[M_PEEPHOLE]
     has_proj = meta[M_PROJ] == 1
+    write_back = peephole == 0 and meta[M_COPY_BIAS] == 0
     units = batch * hidden
-    c_new = ws[meta[M_C_NEW] : meta[M_C_NEW] + units]
-    m_proj = ws[meta[M_M] : meta[M_M] + units]
-    scratch = ws[meta[M_SCRATCH_AT] : meta[M_SCRATCH_AT] + meta[M_SCRATCH]]
+    count = b1 - b0
+    lo = b0 * hidden
+    hi = b1 * hidden
+    c_new = ws[meta[M_C_NEW] + lo : meta[M_C_NEW] + hi]
+    m_proj = ws[meta[M_M] + lo : meta[M_M] + hi]
+    s_at = meta[M_SCRATCH_AT] + part * meta[M_SCRATCH]
+    scratch = ws[s_at : s_at + meta[M_SCRATCH]]
     h_all = meta[M_H]
-    below = 0  # ws offset of the layer below's new h
+    below = 0  # ws offset of the layer below's new h (all rows)
     for layer in range(layers):
         rec = _HEADER + layer * _RECORD
         width = meta[rec + R_WIDTH]
         depth = width + out_size
         h_at = h_all + layer * batch * out_size
-        h = ws[h_at : h_at + batch * out_size]
+        h = ws[h_at + b0 * out_size : h_at + b1 * out_size]
         c_at = meta[M_C] + layer * units
-        c = ws[c_at : c_at + units]
+        c = ws[c_at + lo : c_at + hi]
         xp = ws[meta[rec + R_XP] : meta[rec + R_XP] + 4 * units]
         rows = ws[meta[M_ROWS] : meta[M_ROWS] + batch * depth]
-        for b in range(batch):  # [x_t | h_{t-1}] per row
+        for b in range(b0, b1):  # [x_t | h_{t-1}] per row
             if layer == 0:
                 start = x_base + b * x_row
                 for i in range(width):
@@ -145,46 +157,50 @@ def _advance(out, o_base, o_row, x, x_base, x_row, ws, panels, meta):
                 for i in range(width):
                     rows[b * depth + i] = ws[below + b * width + i]
             for q in range(out_size):
-                rows[b * depth + width + q] = h[b * out_size + q]
+                rows[b * depth + width + q] = h[(b - b0) * out_size + q]
         bias = ws[meta[rec + R_BIAS] : meta[rec + R_BIAS] + 4 * units]
-        if peephole != 0:  # (a plain layer's gate pass left the bias in xp)
-            for j in range(4 * units):
-                xp[j] = bias[j]
+        if not write_back:  # (else the last gate pass left the bias in xp)
+            for g in range(4):
+                for j in range(g * units + lo, g * units + hi):
+                    xp[j] = bias[j]
         if one_row:
             main = _panels5(panels, meta, rec + R_MAIN)
             product_one_row(xp, 0, hidden, hidden, rows, main, 0, 0, main.shape[2], scratch)
         else:
             main = _panels4(panels, meta, rec + R_MAIN)
-            product_abt(xp, 0, units, hidden, hidden, batch, rows, 0, main, 0, 4, scratch)
-        ai = xp[0:units]
-        af = xp[units : 2 * units]
-        ag = xp[2 * units : 3 * units]
-        ao = xp[3 * units : 4 * units]
+            product_abt(xp, lo, units, hidden, hidden, count, rows, b0 * depth, main, 0, 4,
+                        scratch)  # fmt: skip
+        ai = xp[lo:hi]
+        af = xp[units + lo : units + hi]
+        ag = xp[2 * units + lo : 2 * units + hi]
+        ao = xp[3 * units + lo : 3 * units + hi]
         m = m_proj if has_proj else h  # h_{t-1} is in rows already: h may take m
         if peephole == 2:
-            product_abt(xp, 0, units, hidden, hidden, batch, c, 0,
+            product_abt(xp, lo, units, hidden, hidden, count, c, 0,
                         _panels4(panels, meta, rec + R_IFG), 0, 3, scratch)  # fmt: skip
             _gates_forward_ifg(ai, af, ag, c, c_new)
-            product_abt(xp, 3 * units, 0, hidden, hidden, batch, c_new, 0,
+            product_abt(xp, 3 * units + lo, 0, hidden, hidden, count, c_new, 0,
                         _panels4(panels, meta, rec + R_O), 0, 1, scratch)  # fmt: skip
             _gates_forward_o(ao, c_new, m)
         elif peephole == 1:
             p_at = meta[rec + R_PEEP]
-            p_i = ws[p_at : p_at + units]
-            p_f = ws[p_at + units : p_at + 2 * units]
-            p_o = ws[p_at + 2 * units : p_at + 3 * units]
+            p_i = ws[p_at + lo : p_at + hi]
+            p_f = ws[p_at + units + lo : p_at + units + hi]
+            p_o = ws[p_at + 2 * units + lo : p_at + 2 * units + hi]
             _gates_forward_diagonal(ai, af, ag, ao, c, c_new, m, p_i, p_f, p_o)
-        else:
+        elif write_back:
             _gates_forward_reset(ai, af, ag, ao, c, c_new, m, bias.reshape((4, units)))
-        for j in range(units):
+        else:
+            _gates_forward(ai, af, ag, ao, c, c_new, m)
+        for j in range(hi - lo):
             c[j] = c_new[j]
         if has_proj:
-            for q in range(batch * out_size):
+            for q in range(count * out_size):
                 h[q] = 0
-            product_abt(h, 0, 0, out_size, out_size, batch, m_proj, 0,
+            product_abt(h, 0, 0, out_size, out_size, count, m_proj, 0,
                         _panels4(panels, meta, rec + R_HR), 0, 1, scratch)  # fmt: skip
         below = h_at
-    for b in range(batch):
+    for b in range(b0, b1):
         start = o_base + b * o_row
         for q in range(out_size):
             out[start + q] = ws[below + b * out_size + q]
@@ -194,7 +210,15 @@ def _advance(out, o_base, o_row, x, x_base, x_row, ws, panels, meta):
 def stream_step(out, x, ws, panels, meta):
     """One step: x (B, I) or (I,) when B = 1, C-contiguous; out (B, P) or (P,)."""
     _advance(out.reshape(out.size), 0, meta[M_OUT], x.reshape(x.size), 0, x.shape[x.ndim - 1],
-             ws, panels, meta)  # fmt: skip
+             ws, panels, meta, 0, meta[M_BATCH], 0)  # fmt: skip
+
+
+@jit
+def stream_step_rows(out, x, ws, panels, meta, b0, b1, part):
+    """:func:`stream_step` for rows b0..b1 only, with scratch ``part`` (a thread's share;
+    the stream's meta must say M_COPY_BIAS)."""
+    _advance(out.reshape(out.size), 0, meta[M_OUT], x.reshape(x.size), 0, x.shape[x.ndim - 1],
+             ws, panels, meta, b0, b1, part)  # fmt: skip
 
 
 @jit
@@ -204,4 +228,5 @@ def stream_chunk(out, x, ws, panels, meta, steps, x_step, x_row, o_step, o_row):
     x_flat = x.reshape(x.size)
     o_flat = out.reshape(out.size)
     for t in range(steps):
-        _advance(o_flat, t * o_step, o_row, x_flat, t * x_step, x_row, ws, panels, meta)
+        _advance(o_flat, t * o_step, o_row, x_flat, t * x_step, x_row, ws, panels, meta,
+                 0, meta[M_BATCH], 0)  # fmt: skip

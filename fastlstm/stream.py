@@ -25,6 +25,7 @@ from fastlstm._stream_kernels import (
     M_BATCH,
     M_C,
     M_C_NEW,
+    M_COPY_BIAS,
     M_H,
     M_HIDDEN,
     M_LAYERS,
@@ -45,11 +46,16 @@ from fastlstm._stream_kernels import (
     R_WIDTH,
     R_XP,
 )
+from fastlstm._threads import get_num_threads, run_tasks
 from fastlstm._validate import check_shape, real_array
 
 State = tuple[np.ndarray, np.ndarray]
 _PEEPHOLE_CODES = {None: 0, "diagonal": 1, "full": 2}
 _LINE_BYTES = 64  # regions of the workspace start on a cache line
+# A stream of several rows steps them as two parts on two threads (when fastlstm has two at
+# its creation) from this many multiply-adds per step: below, handing a part to a pool
+# thread and waiting for it (tens of microseconds) costs more than it saves.
+PARALLEL_STEP_MACS = 4_000_000
 
 
 def _scratch_size(dtype: np.dtype, one_row_width: int) -> int:
@@ -124,6 +130,14 @@ class Stream:
         self._chunk_kernel = _stream_kernels.stream_chunk
 
     # ------------------------------------------------------------------ layout
+    def _plan_parts(self, widths: list[int]) -> int:
+        """1, or 2 when each step's rows are split over two threads (see PARALLEL_STEP_MACS)."""
+        batch, hidden, out_size = self.batch_size, self.hidden_size, self._out_size
+        macs = batch * 4 * hidden * sum(width + out_size for width in widths)
+        if get_num_threads() >= 2 and batch >= 4 and macs >= PARALLEL_STEP_MACS:
+            return 2
+        return 1
+
     def _layout(self) -> None:
         """Size the workspace, the panels and meta (see _stream_kernels) for this model."""
         dtype = self.dtype
@@ -147,6 +161,8 @@ class Stream:
 
         meta = np.zeros(_HEADER + layers * _RECORD, np.int64)
         widths = [layer.w_ih.shape[2] for layer in model_layers]
+        parts = self._plan_parts(widths)
+        one_row = one_row and parts == 1
         depth = max(widths) + out_size
         chunk = _packed.units_shape((1, 4 * hidden, depth), itemsize)[4]
         scratch = _scratch_size(dtype, chunk)
@@ -160,7 +176,10 @@ class Stream:
         meta[M_C_NEW] = region(units)
         meta[M_M] = region(units if has_proj else 0)
         meta[M_ROWS] = region(batch * depth)
-        meta[M_SCRATCH_AT] = region(scratch)
+        meta[M_SCRATCH_AT] = region(parts * scratch)
+        meta[M_COPY_BIAS] = parts > 1
+        bounds = [batch * part // parts for part in range(parts + 1)]
+        self._parts = [(bounds[p], bounds[p + 1], p) for p in range(parts)]
         panel_cursor = 0
 
         def panels(at: int, shape: tuple) -> None:
@@ -284,8 +303,16 @@ class Stream:
             self._check_out(out, shape)
         if out.ndim == 1:  # unbatched: the kernel takes (1, I) -> (1, H_out)
             x, out = x.reshape(self._x_shape), out.reshape(self._y_shape)
-        self._step_kernel(out, x, self._ws, self._panels, self._meta)
+        if len(self._parts) == 1:
+            self._step_kernel(out, x, self._ws, self._panels, self._meta)
+        else:
+            self._step_parts(out, x)
         return result
+
+    def _step_parts(self, out: np.ndarray, x: np.ndarray) -> None:
+        """One step with the rows in parts on fastlstm's threads (the caller takes one)."""
+        args = (out, x, self._ws, self._panels, self._meta)
+        run_tasks(_stream_kernels.stream_step_rows, [(*args, *part) for part in self._parts])
 
     def __call__(self, x: Any, out: np.ndarray | None = None) -> np.ndarray:
         """Advance every stream by a chunk of T steps (T >= 0).

@@ -363,6 +363,31 @@ def test_streams_in_threads_equal_serial(rng, dtype):
         np.testing.assert_array_equal(got, expected)
 
 
+@pytest.mark.parametrize("config", ["L3", "L2-proj-diagonal", "L2-full"])
+def test_rows_in_two_parts_on_two_threads(rng, monkeypatch, config):
+    """A step may run its rows as two parts on two threads: the same bits as one part, and
+    chunks (one thread) and steps mixed on such a stream agree with forward."""
+    monkeypatch.setattr(fl.stream, "PARALLEL_STEP_MACS", 0)
+    threads = fl.get_num_threads()
+    fl.set_num_threads(2)
+    try:
+        model = make(config, np.float32)
+        split = model.stream(5)
+    finally:
+        fl.set_num_threads(threads)
+    assert [part[:2] for part in split._parts] == [(0, 2), (2, 5)]
+    monkeypatch.setattr(fl.stream, "PARALLEL_STEP_MACS", 10**18)
+    whole_rows = model.stream(5)
+    assert len(whole_rows._parts) == 1
+    x = rng.standard_normal((8, 5, I)).astype(np.float32)
+    expected, (h_n, c_n) = whole(model, x)
+    got = np.stack([split.step(x[t]) for t in range(4)] + list(split(x[4:6])))
+    got = np.concatenate([got, np.stack([split.step(x[t]) for t in range(6, 8)])])
+    np.testing.assert_array_equal(got, np.stack([whole_rows.step(x[t]) for t in range(8)]))
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(split.state[1], c_n)
+
+
 def test_nan_stays_in_its_row(rng):
     stream = make("L2-proj", np.float64).stream(3)
     x = rng.standard_normal((4, 3, I))

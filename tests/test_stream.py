@@ -468,13 +468,13 @@ def test_bench_streaming_cli(capsys):
     lines = text.splitlines()
     rows = [line.split() for line in lines if line.lstrip().startswith("8 ")]
     table = [row for row in rows if not row[2][0].isdigit()]  # H B peer peer_us fl_us ratio
-    splits = [row for row in rows if row[2][0].isdigit()]  # H B step python dispatch kernel
+    splits = [row for row in rows if row[2][0].isdigit()]  # H B step python dispatch kernel parts
     assert {row[2] for row in table} == {"torch", "onnxruntime"}, text
     assert len(table) == 4 and len(splits) == 2, text
     for row in table:
         assert float(row[3]) > 0 and float(row[4]) > 0 and row[5].endswith("x")
     for row in splits:
-        step, parts = float(row[2]), [float(v) for v in row[3:]]
+        step, parts = float(row[2]), [float(v) for v in row[3:6]]
         assert step > 0 and all(v >= 0 for v in parts) and abs(sum(parts) - step) < 0.02
     with pytest.raises(SystemExit):
         cli.main([*argv[:2], "--stream-hidden", "0"])

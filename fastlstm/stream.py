@@ -52,10 +52,13 @@ from fastlstm._validate import check_shape, real_array
 State = tuple[np.ndarray, np.ndarray]
 _PEEPHOLE_CODES = {None: 0, "diagonal": 1, "full": 2}
 _LINE_BYTES = 64  # regions of the workspace start on a cache line
-# A stream of several rows steps them as two parts on two threads (when fastlstm has two at
-# its creation) from this many multiply-adds per step: below, handing a part to a pool
-# thread and waiting for it (tens of microseconds) costs more than it saves.
-PARALLEL_STEP_MACS = 4_000_000
+# A stream of several rows may step them as two parts on two threads (when fastlstm has two
+# at its creation) from this many multiply-adds per step; None: never. Off by default:
+# measured on the project's shared 2-vCPU machine, handing a part to the pool thread and
+# waiting for it costs about 20 us, and with the other core busy the second part waits
+# for it (B = 16, H = 256: 174 us per step on one thread, 220 us in two parts; H = 512:
+# 666 against 752 us).
+PARALLEL_STEP_MACS: int | None = None
 
 
 def _scratch_size(dtype: np.dtype, one_row_width: int) -> int:
@@ -134,7 +137,8 @@ class Stream:
         """1, or 2 when each step's rows are split over two threads (see PARALLEL_STEP_MACS)."""
         batch, hidden, out_size = self.batch_size, self.hidden_size, self._out_size
         macs = batch * 4 * hidden * sum(width + out_size for width in widths)
-        if get_num_threads() >= 2 and batch >= 4 and macs >= PARALLEL_STEP_MACS:
+        threshold = PARALLEL_STEP_MACS
+        if threshold is not None and get_num_threads() >= 2 and batch >= 4 and macs >= threshold:
             return 2
         return 1
 

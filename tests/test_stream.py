@@ -376,7 +376,7 @@ def test_rows_in_two_parts_on_two_threads(rng, monkeypatch, config):
     finally:
         fl.set_num_threads(threads)
     assert [part[:2] for part in split._parts] == [(0, 2), (2, 5)]
-    monkeypatch.setattr(fl.stream, "PARALLEL_STEP_MACS", 10**18)
+    monkeypatch.setattr(fl.stream, "PARALLEL_STEP_MACS", None)
     whole_rows = model.stream(5)
     assert len(whole_rows._parts) == 1
     x = rng.standard_normal((8, 5, I)).astype(np.float32)

@@ -7,8 +7,9 @@ keep a table from micro-architecture to tile):
 - the SIMD width of the explicit vector code (the micro-kernels, packers and the one-row
   kernel): 64 bytes with AVX-512, 32 with AVX2 + FMA, 16 otherwise (SSE, ARM64 NEON);
 - the register block of the micro-kernel: as many rows of two vectors as the vector
-  registers hold next to the panel's two vectors and one broadcast (6 rows with 16
-  registers, 12 with 32);
+  registers hold next to the panel's two vectors and one broadcast, and the general
+  registers hold row pointers (6 rows with AVX2's 16 vector registers, 8 with AVX-512's
+  32 on x86-64's 16 general registers, 14 with ARM64's 32 and 31);
 - cache-size thresholds (:mod:`fastlstm._config`), from the sizes the OS reports.
 
 What the CPU can do comes from LLVM's view of it, the one Numba compiles for: the host
@@ -55,11 +56,13 @@ class KernelVariant:
         )
 
 
-def _variant(name: str, vector_bytes: int, registers: int) -> KernelVariant:
-    # Accumulators 2 r, the panel's 2 vectors and one broadcast: 2 r + 3 <= registers.
-    # Past 12 rows the block gains nothing measurable and every extra row size is one more
-    # tile to compile, so 32 registers give 12 rows (ONNX Runtime's MLAS uses 12 x 2 too).
-    rows = min(12, (registers - 3) // 2)
+def _variant(name: str, vector_bytes: int, registers: int, general_registers: int) -> KernelVariant:
+    # Accumulators 2 r, the panel's 2 vectors and one broadcast: 2 r + 3 <= registers. Each
+    # row of the block also keeps its own pointer into A in a general-purpose register, next
+    # to about 8 for the loop (counter, panel, prefetch, strides): beyond general_registers -
+    # 8 rows LLVM spills pointers inside the loop (measured on a Zen 4 with AVX-512: blocks
+    # of 8-10 rows 100-110 GFLOP/s on one core, of 11-12 rows 36-56).
+    rows = min((registers - 3) // 2, general_registers - 8)
     # The one-row kernel keeps row_vectors independent FMA chains: 8 hide the latency of
     # two FMA units (4 cycles x 2); wider vectors need no more chains, but no fewer either.
     return KernelVariant(name, vector_bytes, registers, rows, 8)
@@ -197,13 +200,15 @@ def describe() -> CpuInfo:
 def runnable_variants(cpu: CpuInfo) -> dict[str, KernelVariant]:
     """Every variant this CPU can execute, widest first."""
     found = {}
+    general = 31 if cpu.architecture in ("aarch64", "arm64") else 16
     if cpu.isa == "avx512":
-        found["avx512"] = _variant("avx512", 64, 32)
+        found["avx512"] = _variant("avx512", 64, 32, general)
     if cpu.isa in ("avx512", "avx2") and cpu.fma:
-        found["avx2"] = _variant("avx2", 32, 16)
+        found["avx2"] = _variant("avx2", 32, 16, general)
     # 128-bit vectors run everywhere (SSE2 is part of x86-64; NEON of ARM64); ARM64 and
     # AVX-512 CPUs have 32 vector registers, which the 128-bit tile may use as well.
-    found["v128"] = _variant("v128", 16, 32 if cpu.isa in ("neon", "avx512") else 16)
+    vector = 32 if cpu.isa in ("neon", "avx512") else 16
+    found["v128"] = _variant("v128", 16, vector, general)
     return found
 
 

@@ -8,8 +8,8 @@ panel: 2 ROWS vector accumulators held in registers, per k one load per vector o
 panel, one broadcast per row and 2 ROWS fused multiply-adds.
 
 The vector width and ROWS come from the CPU (:mod:`fastlstm._cpu`): 64-byte vectors and
-12 rows with AVX-512's 32 registers, 32 bytes and 6 rows with AVX2's 16, 16 bytes on
-other CPUs. One algorithm, one generator of LLVM IR, a tile per CPU.
+8 rows with AVX-512, 32 bytes and 6 rows with AVX2, 16 bytes on other CPUs. One
+algorithm, one generator of LLVM IR, a tile per CPU.
 
 The micro-kernel is written in LLVM IR through Numba intrinsics, with LLVM vector types:
 loops written in Python keep their accumulators in memory (measured: at most 17 GFLOP/s).
@@ -49,9 +49,27 @@ MIN_CHUNK_ROWS = min(ROWS, 5)
 SCRATCH_BYTES = 2 * ROWS * VECTOR_BYTES
 
 
-def _emit_tile(context, builder, sig, args, rows: int, vectors: int, prefetch: bool) -> None:
+def _lane_mask(builder, lanes: int, valid):
+    """<lanes x i1>: lane j is on when j < valid (an i64 value; any, even <= 0 or > lanes)."""
+    i64 = ir.IntType(64)
+    wide = ir.VectorType(i64, lanes)
+    undef = ir.Constant(wide, ir.Undefined)
+    first = builder.insert_element(undef, valid, ir.Constant(ir.IntType(32), 0))
+    splat = builder.shuffle_vector(
+        first, undef, ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes)
+    )
+    return builder.icmp_signed("<", ir.Constant(wide, list(range(lanes))), splat)
+
+
+def _emit_tile(
+    context, builder, sig, args, rows: int, vectors: int, prefetch: bool, valids: list
+) -> None:
     """Emit C[r, vector v] += sum_k A[r, k] B[k, vector v] for r < rows at the builder's
-    position (arguments as :func:`_tile_any`'s); the builder ends in the tile's last block."""
+    position (arguments as :func:`_tile_any`'s); the builder ends in the tile's last block.
+
+    ``valids[v]`` (an i64 value) is how many lanes of C's vector v exist: the others are
+    neither read nor written (masked loads and stores), so a vector past a gate's or a
+    row's end never touches a neighbour, which another thread may own."""
     c_arr, c_off0, c_off1, ldc, a_arr, a_off, lda, b_arr, b_off, ldb, kc = args[:11]
     is64 = sig.args[0].dtype == types.float64
     scalar = ir.DoubleType() if is64 else ir.FloatType()
@@ -143,12 +161,28 @@ def _emit_tile(context, builder, sig, args, rows: int, vectors: int, prefetch: b
         for v in range(vectors):
             totals[r][v].add_incoming(zero, entry)
             totals[r][v].add_incoming(summed[r][v], loop)
+    bits = 64 if is64 else 32
+    mask_type = ir.VectorType(ir.IntType(1), lanes)
+    i32 = ir.IntType(32)
+    masked_load = cgutils.get_or_insert_function(
+        builder.module,
+        ir.FunctionType(vector, [vector.as_pointer(), i32, mask_type, vector]),
+        f"llvm.masked.load.v{lanes}f{bits}.p0",
+    )
+    masked_store = cgutils.get_or_insert_function(
+        builder.module,
+        ir.FunctionType(ir.VoidType(), [vector, vector.as_pointer(), i32, mask_type]),
+        f"llvm.masked.store.v{lanes}f{bits}.p0",
+    )
+    masks = [_lane_mask(builder, lanes, valids[v]) for v in range(vectors)]
     for r in range(rows):
         for v in range(vectors):
             where = builder.add(offsets[v], builder.mul(ldc, const(r)))
             pointer = builder.bitcast(builder.gep(c_ptr, [where]), vector.as_pointer())
-            previous = builder.load(pointer, align=align)
-            builder.store(builder.fadd(previous, totals[r][v]), pointer, align=align)
+            aligned = ir.Constant(i32, align)
+            previous = builder.call(masked_load, [pointer, aligned, masks[v], zero])
+            total = builder.fadd(previous, totals[r][v])
+            builder.call(masked_store, [total, pointer, aligned, masks[v]])
 
 
 def _tile_signature(c, a, b, *extra):
@@ -160,32 +194,35 @@ def _tile_signature(c, a, b, *extra):
 
 
 @intrinsic
-def _tile_any(typingctx, c, c_off0, c_off1, ldc, a, a_off, lda, b, b_off, ldb, kc, rows, pf_off):
+def _tile_any(
+    typingctx, c, c_off0, c_off1, ldc, a, a_off, lda, b, b_off, ldb, kc, rows, valid0, valid1,
+    pf_off,
+):  # fmt: skip
     """C[r, vector v] += sum_k A[r, k] B[k, vector v] for r < rows (1..ROWS) and the panel's
     two vectors v: one register-blocked loop per row count, chosen by a switch.
 
     Offsets and strides are in elements of the arrays' own dtype: row r of vector v of C
     starts at c_off_v + r ldc, A[r, k] is at a_off + r lda + k, B[k] (a panel row of two
-    SIMD vectors) at b_off + k ldb. Arrays C-contiguous. Each k also asks the cache for
-    b[pf_off + k ldb] (the next panel, while this one is multiplied; pass b_off when there
-    is none): weights streamed from memory are then near when their turn comes (measured on
-    a Zen 3 at 32 rows x 1024 x 4096: 139 -> 153 GFLOP/s). A panel's last vector, when
-    only partly valid or past the end, goes through a scratch tile (the products below), so
-    there is no one-vector tile to compile.
+    SIMD vectors) at b_off + k ldb. Arrays C-contiguous. Only the first valid0 (valid1)
+    lanes of C's first (second) vector are read and written: a vector past a gate's end,
+    or a panel's absent second vector (valid1 = 0), needs no scratch. Each k also asks the
+    cache for b[pf_off + k ldb] (the next panel, while this one is multiplied; pass b_off
+    when there is none): weights streamed from memory are then near when their turn comes
+    (measured on a Zen 3 at 32 rows x 1024 x 4096: 139 -> 153 GFLOP/s).
     """
-    signature = _tile_signature(c, a, b, types.intp, types.intp)
+    signature = _tile_signature(c, a, b, *(types.intp,) * 4)
     if signature is None:
         return None
 
     def codegen(context, builder, sig, args):
         after = builder.append_basic_block("tile.after")
         switch = builder.switch(args[11], after)
-        tile_args = list(args[:11]) + [args[12]]
+        tile_args = list(args[:11]) + [args[14]]
         for rows in range(1, ROWS + 1):
             case = builder.append_basic_block(f"tile.case{rows}")
             switch.add_case(ir.Constant(ir.IntType(64), rows), case)
             builder.position_at_end(case)
-            _emit_tile(context, builder, sig, tile_args, rows, 2, True)
+            _emit_tile(context, builder, sig, tile_args, rows, 2, True, [args[12], args[13]])
             builder.branch(after)
         builder.position_at_end(after)
         return context.get_dummy_value()
@@ -194,15 +231,25 @@ def _tile_any(typingctx, c, c_off0, c_off1, ldc, a, a_off, lda, b, b_off, ldb, k
 
 
 @intrinsic
-def _row_tile(typingctx, c, c_off0, c_off1, ldc, a, a_off, lda, b, b_off, ldb, kc):
-    """One row by ROW_VECTORS vectors (the one-row kernel): arguments as :func:`_tile_any`'s
-    without rows, vectors and prefetch."""
-    signature = _tile_signature(c, a, b)
-    if signature is None:
+def _row_tile(typingctx, c, c_off0, ldc, a, a_off, lda, b, b_off, ldb, kc, valid):
+    """One row by ROW_VECTORS contiguous vectors of C from c_off0 (the one-row kernel), of
+    which the first ``valid`` elements exist (the rest neither read nor written); other
+    arguments as :func:`_tile_any`'s, no prefetch."""
+    if _tile_signature(c, a, b) is None:
         return None
+    index = types.intp
+    signature = types.void(c, index, index, a, index, index, b, index, index, index, index)
 
     def codegen(context, builder, sig, args):
-        _emit_tile(context, builder, sig, args, 1, ROW_VECTORS, False)
+        c_arr, c_off0, ldc, a_arr, a_off, lda, b_arr, b_off, ldb, kc, valid = args
+        is64 = sig.args[0].dtype == types.float64
+        lanes = VECTOR_BYTES // (8 if is64 else 4)
+        i64 = ir.IntType(64)
+        c_off1 = builder.add(c_off0, ir.Constant(i64, lanes))
+        tile_args = [c_arr, c_off0, c_off1, ldc, a_arr, a_off, lda, b_arr, b_off, ldb, kc]
+        valids = [builder.sub(valid, ir.Constant(i64, v * lanes)) for v in range(ROW_VECTORS)]
+        as_tile = _tile_signature(sig.args[0], sig.args[3], sig.args[6])  # argument positions
+        _emit_tile(context, builder, as_tile, tile_args, 1, ROW_VECTORS, False, valids)
         return context.get_dummy_value()
 
     return signature, codegen
@@ -222,19 +269,22 @@ def row_blocks(rows):
 
 
 @jit(inline=True)
-def tile(c, c_off0, c_off1, ldc, a, a_off, lda, b, b_off, ldb, kc, rows, pf_off):
-    """C[r, v] += A[r, :kc] B[:kc, v] for r < rows (at most ROWS) and a panel's two vectors;
-    see :func:`_tile_any`. Integers pass through np.intp (see the products below)."""
+def tile(c, c_off0, c_off1, ldc, a, a_off, lda, b, b_off, ldb, kc, rows, valid0, valid1, pf_off):
+    """C[r, v] += A[r, :kc] B[:kc, v] for r < rows (at most ROWS) and a panel's two vectors,
+    valid0 and valid1 lanes of them; see :func:`_tile_any`. Integers pass through np.intp
+    (see the products below)."""
     _tile(
         c, np.intp(c_off0), np.intp(c_off1), np.intp(ldc), a, np.intp(a_off), np.intp(lda),
-        b, np.intp(b_off), np.intp(ldb), np.intp(kc), np.intp(rows), np.intp(pf_off),
+        b, np.intp(b_off), np.intp(ldb), np.intp(kc), np.intp(rows), np.intp(valid0),
+        np.intp(valid1), np.intp(pf_off),
     )  # fmt: skip
 
 
 @jit
-def _tile(c, c_off0, c_off1, ldc, a, a_off, lda, b, b_off, ldb, kc, rows, pf_off):
+def _tile(c, c_off0, c_off1, ldc, a, a_off, lda, b, b_off, ldb, kc, rows, valid0, valid1, pf_off):
     """:func:`tile`, compiled once per dtype: the tiles' IR is made and optimised once."""
-    _tile_any(c, c_off0, c_off1, ldc, a, a_off, lda, b, b_off, ldb, kc, rows, pf_off)
+    _tile_any(c, c_off0, c_off1, ldc, a, a_off, lda, b, b_off, ldb, kc, rows, valid0, valid1,
+              pf_off)  # fmt: skip
 
 
 @jit(inline=True)
@@ -480,32 +530,27 @@ def pack_rows(packed, w):
 
 @jit(inline=True)
 def product_abt(c, c_base, c_block_stride, ldc, width, rows, a, a_base, packed, d, blocks, scratch):
-    """C += A W_d^T; see :func:`_product_abt`."""
+    """C += A W_d^T; see :func:`_product_abt` (``scratch`` is not used)."""
     _product_abt(
         c.reshape(c.size), np.intp(c_base), np.intp(c_block_stride), np.intp(ldc),
         np.intp(width), np.intp(rows), a.reshape(a.size), np.intp(a_base), packed, np.intp(d),
-        np.intp(blocks), scratch,
+        np.intp(blocks),
     )  # fmt: skip
 
 
 @jit
-def _product_abt(
-    c, c_base, c_block_stride, ldc, width, rows, a, a_base, packed, d, blocks, scratch
-):
+def _product_abt(flat, c_base, c_block_stride, ldc, width, rows, a_flat, a_base, packed, d, blocks):
     """C += A W_d^T with W packed by :func:`pack_columns` (``blocks`` blocks of ``width``).
 
-    A's row r is a.flat[a_base + r K : a_base + (r + 1) K] (K = the panels' depth).
-    Output block g's row r, column u is
-    c.flat[c_base + g c_block_stride + r ldc + u]: the gate-major layout of the time loops
-    (blocks are gates) or a plain row-major array (one block). scratch (ROWS * 2 lanes,).
+    A's row r is a_flat[a_base + r K : a_base + (r + 1) K] (K = the panels' depth).
+    Output block g's row r, column u is flat[c_base + g c_block_stride + r ldc + u]: the
+    gate-major layout of the time loops (blocks are gates) or a plain row-major array (one
+    block). Vectors past a block's end are masked in the tile: nothing else is touched.
     """
     inner = packed.shape[2]
-    lanes = lanes_of(a)
+    lanes = lanes_of(a_flat)
     panel_width = 2 * lanes
     per_block = (width + lanes - 1) // lanes
-    # Flat views: the micro-kernel then has one signature per dtype (compile time).
-    flat = c.reshape(c.size)
-    a_flat = a.reshape(a.size)
     b_flat = packed.reshape(packed.size)
     count_vectors = blocks * per_block
     panels = packed.shape[1]
@@ -516,95 +561,65 @@ def _product_abt(
         col0 = (q0 - block0 * per_block) * lanes
         off0 = c_base + block0 * c_block_stride + col0
         valid0 = min(lanes, width - col0)
-        vectors = 2 if q0 + 1 < count_vectors else 1
         off1 = off0
-        valid1 = lanes
-        if vectors == 2:
+        valid1 = 0  # an odd count's last panel has one vector
+        if q0 + 1 < count_vectors:
             block1 = (q0 + 1) // per_block
             col1 = (q0 + 1 - block1 * per_block) * lanes
             off1 = c_base + block1 * c_block_stride + col1
             valid1 = min(lanes, width - col1)
         b_off = (d * panels + p) * inner * panel_width
         ahead = b_off + inner * panel_width if p + 1 < panels else b_off
-        if vectors == 2 and valid0 == lanes and valid1 == lanes:
-            for i in range(count):
-                r0 = i * base + min(i, extra)
-                block = base + (1 if i < extra else 0)
-                shift = r0 * ldc
-                a_off = a_base + r0 * inner
-                tile(flat, off0 + shift, off1 + shift, ldc, a_flat, a_off, inner,
-                     b_flat, b_off, panel_width, inner, block, ahead)  # fmt: skip
-            continue
-        for r0 in range(0, rows, ROWS):  # a part-valid or absent vector: through a scratch
-            block = min(ROWS, rows - r0)
-            scratch[: block * panel_width] = 0
-            tile(scratch, 0, lanes, panel_width, a_flat, a_base + r0 * inner, inner,
-                 b_flat, b_off, panel_width, inner, block, b_off)  # fmt: skip
-            for r in range(block):
-                shift = (r0 + r) * ldc
-                for j in range(valid0):
-                    flat[off0 + shift + j] += scratch[r * panel_width + j]
-                if vectors == 2:
-                    for j in range(valid1):
-                        flat[off1 + shift + j] += scratch[r * panel_width + lanes + j]
+        for i in range(count):
+            r0 = i * base + min(i, extra)
+            block = base + (1 if i < extra else 0)
+            shift = r0 * ldc
+            tile(flat, off0 + shift, off1 + shift, ldc, a_flat, a_base + r0 * inner, inner,
+                 b_flat, b_off, panel_width, inner, block, valid0, valid1, ahead)  # fmt: skip
 
 
 @jit(inline=True)
 def product_ab(c, rows, a, a_base, a_block_stride, lda, kc, packed, d, k_first, blocks, scratch):
-    """C += sum over blocks of A_g W_d[...]; see :func:`_product_ab`."""
+    """C += sum over blocks of A_g W_d[...]; see :func:`_product_ab` (``scratch`` unused)."""
     _product_ab(
         c.reshape(c.size), np.intp(c.shape[1]), np.intp(rows), a.reshape(a.size),
         np.intp(a_base), np.intp(a_block_stride), np.intp(lda), np.intp(kc), packed,
-        np.intp(d), np.intp(k_first), np.intp(blocks), scratch,
+        np.intp(d), np.intp(k_first), np.intp(blocks),
     )  # fmt: skip
 
 
 @jit
-def _product_ab(
-    c_flat, width, rows, a, a_base, a_block_stride, lda, kc, packed, d, k_first, blocks, scratch
-):
+def _product_ab(c_flat, width, rows, a_flat, a_base, a_block_stride, lda, kc, packed, d, k_first,
+                blocks):  # fmt: skip
     """C += sum over blocks g of A_g W_d[k_first + g kc : ..., :] with W packed by
     :func:`pack_rows`.
 
-    C (rows, width) C-contiguous, flat. A_g's row r, column u is a.flat[a_base + g
+    C (rows, width) C-contiguous, flat. A_g's row r, column u is a_flat[a_base + g
     a_block_stride + r lda + u] (u < kc): the gate-major dL/da of the time loops, block by
-    block.
+    block. Columns past C's width are masked in the tile.
     """
     lanes = lanes_of(c_flat)
     panel_width = 2 * lanes
     panels = packed.shape[1]
     inner = packed.shape[2]
     count, base, extra = row_blocks(rows)
-    a_flat = a
     b_flat = packed.reshape(packed.size)
     for p in range(panels):
         col0 = 2 * p * lanes
+        valid0 = min(lanes, width - col0)
+        valid1 = max(0, min(lanes, width - col0 - lanes))
         panel = (d * panels + p) * inner * panel_width
         following = panel + inner * panel_width if p + 1 < panels else panel
-        if col0 + panel_width <= width:
-            for g in range(blocks):
-                a_off = a_base + g * a_block_stride
-                b_off = panel + (k_first + g * kc) * panel_width
-                ahead = following + (k_first + g * kc) * panel_width
-                for i in range(count):
-                    r0 = i * base + min(i, extra)
-                    block = base + (1 if i < extra else 0)
-                    c_off = r0 * width + col0
-                    a_row = a_off + r0 * lda
-                    tile(c_flat, c_off, c_off + lanes, width, a_flat, a_row, lda,
-                         b_flat, b_off, panel_width, kc, block, ahead)  # fmt: skip
-            continue
-        for r0 in range(0, rows, ROWS):  # a part-valid or absent vector: through a scratch
-            block = min(ROWS, rows - r0)
-            scratch[: block * panel_width] = 0
-            for g in range(blocks):
-                a_off = a_base + g * a_block_stride + r0 * lda
-                b_off = panel + (k_first + g * kc) * panel_width
-                tile(scratch, 0, lanes, panel_width, a_flat, a_off, lda,
-                     b_flat, b_off, panel_width, kc, block, b_off)  # fmt: skip
-            for r in range(block):
-                for j in range(min(panel_width, width - col0)):
-                    c_flat[(r0 + r) * width + col0 + j] += scratch[r * panel_width + j]
+        for g in range(blocks):
+            a_off = a_base + g * a_block_stride
+            b_off = panel + (k_first + g * kc) * panel_width
+            ahead = following + (k_first + g * kc) * panel_width
+            for i in range(count):
+                r0 = i * base + min(i, extra)
+                block = base + (1 if i < extra else 0)
+                c_off = r0 * width + col0
+                tile(c_flat, c_off, c_off + lanes, width, a_flat, a_off + r0 * lda, lda,
+                     b_flat, b_off, panel_width, kc, block, valid0, valid1, ahead)  # fmt: skip
 
 
 # ----------------------------------------------------------------- batch of one row
@@ -658,21 +673,14 @@ def _product_one_row(flat, base, gate_stride, hidden, h, packed, d, first, end, 
     """:func:`product_one_row` on the flat gate array."""
     inner = h.shape[0]
     width = packed.shape[4]
-    lanes = lanes_of(h)
     chunks = packed.shape[2]
     b_flat = packed.reshape(packed.size)
     for g in range(4):
         for chunk in range(first, end):
             off = base + g * gate_stride + chunk * width
             b_off = ((d * 4 + g) * chunks + chunk) * inner * width
-            valid = min(width, hidden - chunk * width)
-            if valid == width:
-                _row_tile(flat, off, off + lanes, 0, h, 0, 0, b_flat, b_off, width, inner)
-                continue
-            scratch[:] = 0  # a part-valid chunk: through the scratch
-            _row_tile(scratch, 0, lanes, 0, h, 0, 0, b_flat, b_off, width, inner)
-            for j in range(valid):
-                flat[off + j] += scratch[j]
+            valid = min(width, hidden - chunk * width)  # a part-valid chunk is masked
+            _row_tile(flat, off, 0, h, 0, 0, b_flat, b_off, width, inner, valid)
 
 
 def units_rows_shape(w_shape: tuple, itemsize: int) -> tuple:
@@ -706,7 +714,6 @@ def product_one_row_back(dh, xp, base, gate_stride, hidden, packed, d, first, en
     columns q of chunks first..end-1 (overwritten); packed from :func:`pack_units_rows`,
     scratch (one chunk,)."""
     width = packed.shape[3]
-    lanes = lanes_of(dh)
     chunks = packed.shape[1]
     gates = packed.shape[2]
     inner = dh.shape[0]
@@ -714,11 +721,10 @@ def product_one_row_back(dh, xp, base, gate_stride, hidden, packed, d, first, en
     b_flat = packed.reshape(packed.size)
     for chunk in range(first, end):
         col0 = chunk * width
-        valid = min(width, inner - col0)
         scratch[:] = 0
         for g in range(4):
             b_off = ((d * chunks + chunk) * gates + g * hidden) * width
             a_off = base + g * gate_stride
-            _row_tile(scratch, 0, lanes, 0, flat, a_off, 0, b_flat, b_off, width, hidden)
-        for j in range(valid):
+            _row_tile(scratch, 0, 0, flat, a_off, 0, b_flat, b_off, width, hidden, width)
+        for j in range(min(width, inner - col0)):
             dh[col0 + j] = scratch[j]

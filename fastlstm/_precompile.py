@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from numba.core import event
 from numba.core.registry import cpu_target
+from numba.np.numpy_support import from_dtype
 
 from fastlstm import _config, _cpu
 
@@ -153,6 +154,7 @@ def _cached_for_this_cpu(dispatcher, dtype: np.dtype) -> bool:
     except Exception:  # no cache, an unreadable index: say nothing rather than guess
         return True
     magic = cpu_target.target_context.codegen().magic_tuple()
+    wanted = from_dtype(dtype)
     for key in index:
         try:
             sig, key_magic, _, kernel_key = key
@@ -160,7 +162,7 @@ def _cached_for_this_cpu(dispatcher, dtype: np.dtype) -> bool:
             continue
         if key_magic == magic and kernel_key == _config.KERNEL_KEY:
             first = sig[0] if len(sig) else None
-            if getattr(first, "dtype", None) == dtype:
+            if getattr(first, "dtype", None) == wanted:
                 return True
     return False
 
@@ -172,7 +174,8 @@ def notice_first_compile(dispatcher, dtype: np.dtype, phase: str) -> None:
     if key in _noticed:
         return
     _noticed.add(key)
-    if any(getattr(sig[0], "dtype", None) == dtype for sig in dispatcher.signatures if sig):
+    wanted = from_dtype(dtype)
+    if any(getattr(sig[0], "dtype", None) == wanted for sig in dispatcher.signatures if sig):
         return
     if _cached_for_this_cpu(dispatcher, dtype):
         return

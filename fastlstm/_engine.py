@@ -634,12 +634,7 @@ def _weight_gradients(layer, grad, cache, dhstore):
     inputs = cache.inputs
     d_inputs = np.empty_like(inputs)
     bias_grad = np.zeros((directions, gates), dtype)
-    args = (
-        d_inputs, grad.w_ih, grad.w_hh, bias_grad,
-        _optional(grad.w_hr, dtype), _optional(grad.peep, dtype), _optional(grad.w_ch, dtype),
-        cache.xp, inputs, cache.xh, cache.cstate, cache.c0, cache.mstore, dhstore,
-        layer.w_ih,
-    )  # fmt: skip
+    args = (d_inputs, grad.w_ih, grad.w_hh, bias_grad, cache.xp, inputs, cache.xh, layer.w_ih)
     rows, width = inputs.shape
     # (Also: a threaded BLAS may sum dW_hh in another order than one thread, and results
     # must not depend on the thread count.)
@@ -651,6 +646,12 @@ def _weight_gradients(layer, grad, cache, dhstore):
             _kernels.weight_gradients(*args, 0, 1)
     else:
         _run_parts(_kernels.weight_gradients, [(*args, part, parts) for part in range(parts)])
+    if grad.w_hr is not None or grad.peep is not None or grad.w_ch is not None:
+        _kernels.extra_weight_gradients(
+            _optional(grad.w_hr, dtype), _optional(grad.peep, dtype),
+            _optional(grad.w_ch, dtype), cache.xp, cache.cstate, cache.c0, cache.mstore,
+            dhstore,
+        )  # fmt: skip
     for part in (grad.b_ih, grad.b_hh, grad.b_ch):
         if part is not None:
             part += bias_grad

@@ -902,10 +902,7 @@ def _dense_gradients_small(dx, gw_ih, gw_hh, gbias, xp, xh, w_ih, d):
 
 
 @jit
-def weight_gradients(
-    dx, gw_ih, gw_hh, gbias, gw_hr, gpeep, gw_ch,
-    xp, x, xh, cstate, c0, mstore, dhstore, w_ih, part, parts,
-):  # fmt: skip
+def weight_gradients(dx, gw_ih, gw_hh, gbias, xp, x, xh, w_ih, part, parts):
     """After the backward loop: every weight gradient as large products over all steps.
 
     dW_ih and dW_hh of a gate come from one GEMM dL/da^T [x | h_{t-1}] over xh's rows
@@ -919,12 +916,12 @@ def weight_gradients(
     Calls with part = 0..parts-1 (on separate threads) share the work without sharing an
     output: part k takes the (direction, gate) bands d*4 + g = k mod parts of dW_ih, dW_hh
     and the bias, and the k-th block of dx's rows (every gate, in the same order as one
-    call); the rarer gradients (W_hr, peepholes) and tiny sizes go to part 0.
+    call); tiny sizes go to part 0. The rarer gradients (W_hr, peepholes) are
+    :func:`extra_weight_gradients`'.
     """
     directions, _, steps, _ = xp.shape
     hidden = w_ih.shape[1] // 4
     rows, width = x.shape
-    batch = rows // steps
     out_size = xh.shape[2] - width
     small = 4 * hidden * (width + out_size) <= SMALL_ROW_MACS
     r0 = rows * part // parts
@@ -958,8 +955,19 @@ def weight_gradients(
                             gbias[d, g * hidden + j] += da[r, j]
                 beta = 1.0 if d > 0 or g > 0 else 0.0
                 gemm_ab(dx[r0:r1], da[r0:r1], w_ih[d, band], beta)  # dx = da W_ih
-        if part != 0:
-            continue
+
+
+@jit
+def extra_weight_gradients(gw_hr, gpeep, gw_ch, xp, cstate, c0, mstore, dhstore):
+    """After :func:`weight_gradients`: the gradients only projection and peepholes have
+    (dW_hr, the diagonal peepholes, W_ch), added in. A kernel of its own, called only for
+    models that have them, so a plain LSTM never compiles this code (compile time)."""
+    directions, _, steps, _ = xp.shape
+    hidden = c0.shape[2]
+    batch = c0.shape[1]
+    rows = steps * batch
+    out_size = dhstore.shape[3]
+    for d in range(directions):
         if gw_hr.shape[1] > 0:  # dW_hr = sum_t dh_t^T m_t
             _matmul_atb(gw_hr[d], dhstore[d].reshape((rows, out_size)),
                         mstore[d].reshape((rows, hidden)))  # fmt: skip

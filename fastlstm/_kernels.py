@@ -49,7 +49,6 @@ from fastlstm._blas import gemm_ab, gemm_abt, gemm_atb
 from fastlstm._config import MERGED_GRADIENT_MIN_ROWS, PROJECTION_BLOCK_ROWS, SMALL_ROW_MACS, jit
 from fastlstm._packed import (
     ROWS,
-    SCRATCH_BYTES,
     copy_rows,
     lanes_of,
     product_ab,
@@ -350,7 +349,6 @@ def layer_forward_rows(
     # row's arithmetic never depends on the row split.)
     gemv = lengths.shape[0] == 1
     step_sum = np.empty((rows if gemv else 0, 4 * hidden), dtype=c.dtype)
-    scratch = np.empty(SCRATCH_BYTES // c.itemsize, dtype=c.dtype)
     pan_ih, pan_hh, pan_hr, pan_ifg, pan_o = packed  # (p_i, p_f, p_o are the peepholes)
     # With [W_ih | W_hh]'s panels (pan_ih), each step's input projection is done here, in
     # one product [x_t | h_{t-1}] [W_ih | W_hh]^T while that step's gate block is in cache
@@ -404,23 +402,21 @@ def layer_forward_rows(
                         stacked[r, i] = x[(t * batch + b0 + r), i]
                     for q in range(out_size):
                         stacked[r, width_in + q] = h[r, q]
-            product_abt(
-                xp, base, gate_stride, hidden, hidden, rows, xh_rows, a_base, pan_ih, d, 4, scratch
-            )
+            product_abt(xp, base, gate_stride, hidden, hidden, rows, xh_rows, a_base, pan_ih, d, 4)
         elif gemv:
             gemm_abt(step_sum, h, w_hh[d], 0.0)
             _add_into_gates(xp, d, slot, lo, hidden, step_sum)
         else:
-            product_abt(xp, base, gate_stride, hidden, hidden, rows, h, 0, pan_hh, d, 4, scratch)
+            product_abt(xp, base, gate_stride, hidden, hidden, rows, h, 0, pan_hh, d, 4)
         if full:
             c2 = c.reshape((rows, hidden))
-            product_abt(xp, base, gate_stride, hidden, hidden, rows, c2, 0, pan_ifg, d, 3, scratch)
+            product_abt(xp, base, gate_stride, hidden, hidden, rows, c2, 0, pan_ifg, d, 3)
         m_flat = m.reshape(units)
         if full:
             _gates_forward_ifg(ai, af, ag, c, c_new)
             c_new2 = c_new.reshape((rows, hidden))
             o_base = base + 3 * gate_stride
-            product_abt(xp, o_base, 0, hidden, hidden, rows, c_new2, 0, pan_o, d, 1, scratch)
+            product_abt(xp, o_base, 0, hidden, hidden, rows, c_new2, 0, pan_o, d, 1)
             _gates_forward_o(ao, c_new, m_flat)
         elif diagonal:
             _gates_forward_diagonal(ai, af, ag, ao, c, c_new, m_flat, p_i, p_f, p_o)
@@ -430,7 +426,7 @@ def layer_forward_rows(
             _gates_forward(ai, af, ag, ao, c, c_new, m_flat)
         if has_proj:
             h_new[:] = 0
-            product_abt(h_new, 0, 0, out_size, out_size, rows, m_proj, 0, pan_hr, d, 1, scratch)
+            product_abt(h_new, 0, 0, out_size, out_size, rows, m_proj, 0, pan_hr, d, 1)
         if padded:
             for r in range(rows):
                 if t >= lengths[b0 + r]:  # carry the state through a padded step
@@ -483,7 +479,6 @@ def layer_backward_rows(
     p_i, p_f, p_o = _tiled_peepholes(peep, d, rows)
     gemv = lengths.shape[0] == 1  # as in the forward loop
     step_grad = np.empty((rows if gemv else 0, 4 * hidden), dtype=dc.dtype)
-    scratch = np.empty(SCRATCH_BYTES // dc.itemsize, dtype=dc.dtype)
     pan_hh, pan_hr, pan_ch = packed
     gate_stride = steps * xp.shape[3]
     for s in range(steps - 1, -1, -1):
@@ -499,7 +494,7 @@ def layer_backward_rows(
                 for j in range(out_size):
                     dhstore[d, t, b0 + r, j] = dh[r, j] if active else zero(dh[r, j])
             dm_proj[:] = 0
-            product_ab(dm_proj, rows, dh, 0, 0, out_size, out_size, pan_hr, d, 0, 1, scratch)
+            product_ab(dm_proj, rows, dh, 0, 0, out_size, out_size, pan_hr, d, 0, 1)
             dm = dm_proj.reshape(units)
         else:
             dm = dh.reshape(units)
@@ -516,9 +511,9 @@ def layer_backward_rows(
             dc2 = dc.reshape((rows, hidden))
             _gates_backward_o(ao, dc, dm, c_t)
             o_base = base + 3 * gate_stride
-            product_ab(dc2, rows, xp, o_base, 0, hidden, hidden, pan_ch, d, 3 * hidden, 1, scratch)
+            product_ab(dc2, rows, xp, o_base, 0, hidden, hidden, pan_ch, d, 3 * hidden, 1)
             _gates_backward_ifg(ai, af, ag, dc, c_prev)
-            product_ab(dc2, rows, xp, base, gate_stride, hidden, hidden, pan_ch, d, 0, 3, scratch)
+            product_ab(dc2, rows, xp, base, gate_stride, hidden, hidden, pan_ch, d, 0, 3)
         else:
             _gates_backward(ai, af, ag, ao, dc, dm, c_t, c_prev, p_i, p_f, p_o)
         if padded:
@@ -535,7 +530,7 @@ def layer_backward_rows(
         else:
             dh_next[:] = 0
             product_ab(dh_next, rows, xp, base, gate_stride, hidden, hidden,
-                       pan_hh, d, 0, 4, scratch)  # fmt: skip
+                       pan_hh, d, 0, 4)  # fmt: skip
         if padded:
             for r in range(rows):
                 if t >= lengths[b0 + r]:  # the state was carried through a padded step
@@ -593,7 +588,6 @@ def project_inputs_packed(xp, x, packed, bias, first, end):
     width_in = x.shape[1]
     gate_stride = steps * step_width
     flat = xp.reshape(xp.size)
-    scratch = np.empty(SCRATCH_BYTES // xp.itemsize, dtype=xp.dtype)
     for d in range(directions):
         for g in range(4):
             base = (d * 4 + g) * gate_stride
@@ -602,7 +596,7 @@ def project_inputs_packed(xp, x, packed, bias, first, end):
                     flat[base + r * hidden + j] = bias[d, g * hidden + j]
         product_abt(
             xp, d * 4 * gate_stride + first * hidden, gate_stride, hidden, hidden, end - first,
-            x, first * width_in, packed, d, 4, scratch,
+            x, first * width_in, packed, d, 4,
         )  # fmt: skip
 
 
@@ -647,7 +641,6 @@ def layer_forward_units(
         for j in range(units):
             c[r * units + j] = c0[d, r, first + j]
     c_new = np.empty_like(c)
-    scratch = np.empty(SCRATCH_BYTES // c.itemsize, dtype=c.dtype)
     gate_stride = xp.shape[2] * xp.shape[3]
     one_slot = xp.shape[2] != steps
     current = 0
@@ -657,7 +650,7 @@ def layer_forward_units(
         h = state[current]
         h_next = state[1 - current]
         base = d * 4 * gate_stride + slot * xp.shape[3] + first
-        product_abt(xp, base, gate_stride, hidden, units, batch, h, 0, packed, 0, 4, scratch)
+        product_abt(xp, base, gate_stride, hidden, units, batch, h, 0, packed, 0, 4)
         for r in range(batch):
             if training:
                 for j in range(units):
@@ -725,7 +718,6 @@ def layer_forward_one_row(
     c = c0[d, 0, lo:hi].copy()
     c_new = np.empty_like(c)
     p_i, p_f, p_o = _peephole_units(peep, d, lo, hi)
-    scratch = np.empty(width, dtype=c.dtype)
     gate_stride = xp.shape[2] * xp.shape[3]
     one_slot = xp.shape[2] != steps
     current = 0
@@ -735,7 +727,7 @@ def layer_forward_one_row(
         h = state[d, current]
         h_next = state[d, 1 - current]
         base = d * 4 * gate_stride + slot * xp.shape[3]
-        product_one_row(xp, base, gate_stride, hidden, h, packed, d, first, end, scratch)
+        product_one_row(xp, base, gate_stride, hidden, h, packed, d, first, end)
         if training:
             _copy1(xh[d, t, width_in + lo : width_in + hi], h[lo:hi])
         ai = xp[d, 0, slot, lo:hi]
@@ -1002,10 +994,9 @@ def one_row_products_only(xp, h, packed, first, end, steps):
     """The one-row loop's products alone (for the profiler): ``steps`` times, what one task
     of :func:`layer_forward_one_row` multiplies per step, hidden chunks first..end-1 of
     direction 0; xp (1, 4, 1, H), h (P,), packed from pack_units."""
-    scratch = np.empty(packed.shape[4], dtype=xp.dtype)
     hidden = xp.shape[3]
     for _ in range(steps):
-        product_one_row(xp, 0, hidden, hidden, h, packed, 0, first, end, scratch)
+        product_one_row(xp, 0, hidden, hidden, h, packed, 0, first, end)
 
 
 @jit
@@ -1021,13 +1012,12 @@ def recurrent_products_only(xp, x, h, w_hh, packed_ih, packed_hh, gemv, steps):
     rows = h.shape[0]
     hidden = xp.shape[3] // rows
     step_sum = np.empty((rows, 4 * hidden), dtype=xp.dtype)
-    scratch = np.empty(SCRATCH_BYTES // xp.itemsize, dtype=xp.dtype)
     stride = rows * hidden
     for _ in range(steps):
         if packed_ih.shape[1] > 0:
-            product_abt(xp, 0, stride, hidden, hidden, rows, x, 0, packed_ih, 0, 4, scratch)
+            product_abt(xp, 0, stride, hidden, hidden, rows, x, 0, packed_ih, 0, 4)
         elif gemv:
             gemm_abt(step_sum, h, w_hh[0], 0.0)
             _add_into_gates(xp, 0, 0, 0, hidden, step_sum)
         else:
-            product_abt(xp, 0, stride, hidden, hidden, rows, h, 0, packed_hh, 0, 4, scratch)
+            product_abt(xp, 0, stride, hidden, hidden, rows, h, 0, packed_hh, 0, 4)

@@ -45,8 +45,6 @@ ROW_VECTORS = VARIANT.row_vectors
 # The fewest rows worth a thread's own chunk of a batch: a block of r rows keeps 2 r FMA
 # chains, and two FMA units of 4-5 cycles' latency need about 10 (or ROWS, if fewer).
 MIN_CHUNK_ROWS = min(ROWS, 5)
-# A part-valid panel goes through a scratch tile of this many elements (float32 upper bound).
-SCRATCH_BYTES = 2 * ROWS * VECTOR_BYTES
 
 
 def _lane_mask(builder, lanes: int, valid):
@@ -529,8 +527,8 @@ def pack_rows(packed, w):
 
 
 @jit(inline=True)
-def product_abt(c, c_base, c_block_stride, ldc, width, rows, a, a_base, packed, d, blocks, scratch):
-    """C += A W_d^T; see :func:`_product_abt` (``scratch`` is not used)."""
+def product_abt(c, c_base, c_block_stride, ldc, width, rows, a, a_base, packed, d, blocks):
+    """C += A W_d^T; see :func:`_product_abt`."""
     _product_abt(
         c.reshape(c.size), np.intp(c_base), np.intp(c_block_stride), np.intp(ldc),
         np.intp(width), np.intp(rows), a.reshape(a.size), np.intp(a_base), packed, np.intp(d),
@@ -579,8 +577,8 @@ def _product_abt(flat, c_base, c_block_stride, ldc, width, rows, a_flat, a_base,
 
 
 @jit(inline=True)
-def product_ab(c, rows, a, a_base, a_block_stride, lda, kc, packed, d, k_first, blocks, scratch):
-    """C += sum over blocks of A_g W_d[...]; see :func:`_product_ab` (``scratch`` unused)."""
+def product_ab(c, rows, a, a_base, a_block_stride, lda, kc, packed, d, k_first, blocks):
+    """C += sum over blocks of A_g W_d[...]; see :func:`_product_ab`."""
     _product_ab(
         c.reshape(c.size), np.intp(c.shape[1]), np.intp(rows), a.reshape(a.size),
         np.intp(a_base), np.intp(a_block_stride), np.intp(lda), np.intp(kc), packed,
@@ -658,18 +656,18 @@ def pack_units(packed, w):
 
 
 @jit(inline=True)
-def product_one_row(xp, base, gate_stride, hidden, h, packed, d, first, end, scratch):
+def product_one_row(xp, base, gate_stride, hidden, h, packed, d, first, end):
     """xp.flat[base + g gate_stride + u] += sum_k h[k] W_hh[d, g H + u, k] for the hidden
-    units u of chunks first..end-1 and every gate g; h (P,), packed from :func:`pack_units`,
-    scratch (one chunk,). Flattens and passes on, as :func:`product_abt`."""
+    units u of chunks first..end-1 and every gate g; h (P,), packed from :func:`pack_units`.
+    Flattens and passes on, as :func:`product_abt`."""
     _product_one_row(
         xp.reshape(xp.size), np.intp(base), np.intp(gate_stride), np.intp(hidden), h, packed,
-        np.intp(d), np.intp(first), np.intp(end), scratch,
+        np.intp(d), np.intp(first), np.intp(end),
     )  # fmt: skip
 
 
 @jit
-def _product_one_row(flat, base, gate_stride, hidden, h, packed, d, first, end, scratch):
+def _product_one_row(flat, base, gate_stride, hidden, h, packed, d, first, end):
     """:func:`product_one_row` on the flat gate array."""
     inner = h.shape[0]
     width = packed.shape[4]

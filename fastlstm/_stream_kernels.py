@@ -12,10 +12,10 @@ Layer l > 0 reads layer l - 1's new h_t as its x_t. Everything a stream owns liv
 three arrays made once by :mod:`fastlstm.stream` (so that a call passes few arguments;
 Numba's dispatch costs about 100 ns per array):
 
-    ws      (N,) float   the state and scratch: h (L, B, P), c (L, B, H), per layer the
+    ws      (N,) float   the state and work arrays: h (L, B, P), c (L, B, H), per layer the
                          gate block xp (4, B*H), the bias tiled over the rows (4, B*H) and
                          the diagonal peepholes tiled (3, B*H); c_new and m (B*H), the rows
-                         [x_t | h_{t-1}] (B, I_l + P) and the micro-kernel's scratch (one per part)
+                         [x_t | h_{t-1}] (B, I_l + P)
     panels  (M,) float   every layer's weights packed once for the micro-kernels: [W_ih |
                          W_hh] along K (pack_units for a batch of one row, pack_columns
                          otherwise), W_hr and W_ch[ifg], W_ch[o] (pack_columns)
@@ -56,16 +56,14 @@ from fastlstm._packed import product_abt, product_one_row
     M_ONE_ROW,  # 1: the main product is the one-row kernel (pack_units panels)
     M_PEEPHOLE,  # 0 none, 1 diagonal, 2 full
     M_PROJ,  # 1 with projection
-    M_SCRATCH,  # scratch length
     M_H,  # ws offset of h (L, B, P)
     M_C,  # ws offset of c (L, B, H)
     M_C_NEW,  # ws offset of c_new (B*H)
     M_M,  # ws offset of m (B*H), the gate pass's output before the projection
     M_ROWS,  # ws offset of the rows [x_t | h_{t-1}] (B, I_l + P)
-    M_SCRATCH_AT,  # ws offset of the scratch (one per part of the rows, each M_SCRATCH long)
     M_COPY_BIAS,  # 1: every layer copies the bias into its gate block each step
-) = range(15)
-_HEADER = 15
+) = range(13)
+_HEADER = 13
 # meta[_HEADER + l * _RECORD :][:_RECORD]: layer l.
 (
     R_WIDTH,  # I_l: the layer's input width
@@ -115,11 +113,10 @@ def _panels5(panels, meta, at):
 
 
 @jit
-def _advance(out, o_base, o_row, x, x_base, x_row, ws, panels, meta, b0, b1, part):
+def _advance(out, o_base, o_row, x, x_base, x_row, ws, panels, meta, b0, b1):
     """One step of every layer for rows b0..b1: x rows at x[x_base + b x_row :], the top
     layer's h_t to out[o_base + b o_row :] (both flat); those rows' state in ws moves on
-    by one step. Calls for disjoint rows (with different ``part``: their own scratch) may
-    run at once on separate threads."""
+    by one step. Calls for disjoint rows may run at once on separate threads."""
     layers = meta[M_LAYERS]
     batch = meta[M_BATCH]
     hidden = meta[M_HIDDEN]
@@ -134,8 +131,6 @@ def _advance(out, o_base, o_row, x, x_base, x_row, ws, panels, meta, b0, b1, par
     hi = b1 * hidden
     c_new = ws[meta[M_C_NEW] + lo : meta[M_C_NEW] + hi]
     m_proj = ws[meta[M_M] + lo : meta[M_M] + hi]
-    s_at = meta[M_SCRATCH_AT] + part * meta[M_SCRATCH]
-    scratch = ws[s_at : s_at + meta[M_SCRATCH]]
     h_all = meta[M_H]
     below = 0  # ws offset of the layer below's new h (all rows)
     for layer in range(layers):
@@ -165,11 +160,10 @@ def _advance(out, o_base, o_row, x, x_base, x_row, ws, panels, meta, b0, b1, par
                     xp[j] = bias[j]
         if one_row:
             main = _panels5(panels, meta, rec + R_MAIN)
-            product_one_row(xp, 0, hidden, hidden, rows, main, 0, 0, main.shape[2], scratch)
+            product_one_row(xp, 0, hidden, hidden, rows, main, 0, 0, main.shape[2])
         else:
             main = _panels4(panels, meta, rec + R_MAIN)
-            product_abt(xp, lo, units, hidden, hidden, count, rows, b0 * depth, main, 0, 4,
-                        scratch)  # fmt: skip
+            product_abt(xp, lo, units, hidden, hidden, count, rows, b0 * depth, main, 0, 4)
         ai = xp[lo:hi]
         af = xp[units + lo : units + hi]
         ag = xp[2 * units + lo : 2 * units + hi]
@@ -177,10 +171,10 @@ def _advance(out, o_base, o_row, x, x_base, x_row, ws, panels, meta, b0, b1, par
         m = m_proj if has_proj else h  # h_{t-1} is in rows already: h may take m
         if peephole == 2:
             product_abt(xp, lo, units, hidden, hidden, count, c, 0,
-                        _panels4(panels, meta, rec + R_IFG), 0, 3, scratch)  # fmt: skip
+                        _panels4(panels, meta, rec + R_IFG), 0, 3)  # fmt: skip
             _gates_forward_ifg(ai, af, ag, c, c_new)
             product_abt(xp, 3 * units + lo, 0, hidden, hidden, count, c_new, 0,
-                        _panels4(panels, meta, rec + R_O), 0, 1, scratch)  # fmt: skip
+                        _panels4(panels, meta, rec + R_O), 0, 1)  # fmt: skip
             _gates_forward_o(ao, c_new, m)
         elif peephole == 1:
             p_at = meta[rec + R_PEEP]
@@ -198,7 +192,7 @@ def _advance(out, o_base, o_row, x, x_base, x_row, ws, panels, meta, b0, b1, par
             for q in range(count * out_size):
                 h[q] = 0
             product_abt(h, 0, 0, out_size, out_size, count, m_proj, 0,
-                        _panels4(panels, meta, rec + R_HR), 0, 1, scratch)  # fmt: skip
+                        _panels4(panels, meta, rec + R_HR), 0, 1)  # fmt: skip
         below = h_at
     for b in range(b0, b1):
         start = o_base + b * o_row
@@ -210,15 +204,15 @@ def _advance(out, o_base, o_row, x, x_base, x_row, ws, panels, meta, b0, b1, par
 def stream_step(out, x, ws, panels, meta):
     """One step: x (B, I) or (I,) when B = 1, C-contiguous; out (B, P) or (P,)."""
     _advance(out.reshape(out.size), 0, meta[M_OUT], x.reshape(x.size), 0, x.shape[x.ndim - 1],
-             ws, panels, meta, 0, meta[M_BATCH], 0)  # fmt: skip
+             ws, panels, meta, 0, meta[M_BATCH])  # fmt: skip
 
 
 @jit
-def stream_step_rows(out, x, ws, panels, meta, b0, b1, part):
-    """:func:`stream_step` for rows b0..b1 only, with scratch ``part`` (a thread's share;
-    the stream's meta must say M_COPY_BIAS)."""
+def stream_step_rows(out, x, ws, panels, meta, b0, b1):
+    """:func:`stream_step` for rows b0..b1 only (a thread's share; the stream's meta must
+    say M_COPY_BIAS)."""
     _advance(out.reshape(out.size), 0, meta[M_OUT], x.reshape(x.size), 0, x.shape[x.ndim - 1],
-             ws, panels, meta, b0, b1, part)  # fmt: skip
+             ws, panels, meta, b0, b1)  # fmt: skip
 
 
 @jit
@@ -229,4 +223,4 @@ def stream_chunk(out, x, ws, panels, meta, steps, x_step, x_row, o_step, o_row):
     o_flat = out.reshape(out.size)
     for t in range(steps):
         _advance(o_flat, t * o_step, o_row, x_flat, t * x_step, x_row, ws, panels, meta,
-                 0, meta[M_BATCH], 0)  # fmt: skip
+                 0, meta[M_BATCH])  # fmt: skip

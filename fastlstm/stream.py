@@ -35,8 +35,6 @@ from fastlstm._stream_kernels import (
     M_PEEPHOLE,
     M_PROJ,
     M_ROWS,
-    M_SCRATCH,
-    M_SCRATCH_AT,
     R_BIAS,
     R_HR,
     R_IFG,
@@ -59,13 +57,6 @@ _LINE_BYTES = 64  # regions of the workspace start on a cache line
 # for it (B = 16, H = 256: 174 us per step on one thread, 220 us in two parts; H = 512:
 # 666 against 752 us).
 PARALLEL_STEP_MACS: int | None = None
-
-
-def _scratch_size(dtype: np.dtype, one_row_width: int) -> int:
-    """Elements of scratch the micro-kernels need: a register tile of rows of two vectors
-    (product_abt) or one chunk of hidden units (product_one_row), as _packed sizes them."""
-    lanes = int(_packed.lanes_of(np.empty(1, dtype)))
-    return max(_packed.ROWS * 2 * lanes, one_row_width)
 
 
 def _one_row(batch: int, hidden: int, dtype: np.dtype) -> bool:
@@ -168,22 +159,18 @@ class Stream:
         parts = self._plan_parts(widths)
         one_row = one_row and parts == 1
         depth = max(widths) + out_size
-        chunk = _packed.units_shape((1, 4 * hidden, depth), itemsize)[4]
-        scratch = _scratch_size(dtype, chunk)
         meta[M_LAYERS], meta[M_BATCH], meta[M_HIDDEN], meta[M_OUT] = (
             layers, batch, hidden, out_size,
         )  # fmt: skip
         meta[M_ONE_ROW], meta[M_PEEPHOLE], meta[M_PROJ] = one_row, peephole, has_proj
-        meta[M_SCRATCH] = scratch
         meta[M_H] = region(layers * batch * out_size)
         meta[M_C] = region(layers * units)
         meta[M_C_NEW] = region(units)
         meta[M_M] = region(units if has_proj else 0)
         meta[M_ROWS] = region(batch * depth)
-        meta[M_SCRATCH_AT] = region(parts * scratch)
         meta[M_COPY_BIAS] = parts > 1
         bounds = [batch * part // parts for part in range(parts + 1)]
-        self._parts = [(bounds[p], bounds[p + 1], p) for p in range(parts)]
+        self._parts = [(bounds[p], bounds[p + 1]) for p in range(parts)]
         panel_cursor = 0
 
         def panels(at: int, shape: tuple) -> None:

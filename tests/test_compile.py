@@ -36,9 +36,7 @@ NOTICE = "fastlstm: compiling its float32 forward kernels for this CPU"
 
 def run(args: list[str], cache: str, timeout: float = 900) -> subprocess.CompletedProcess:
     env = {**os.environ, "NUMBA_CACHE_DIR": cache}
-    return subprocess.run(
-        args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout
-    )
+    return subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
 def expected_hex() -> str:

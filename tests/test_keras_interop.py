@@ -23,28 +23,22 @@ import h5py
 import keras
 import numpy as np
 import pytest
-from utils import assert_close
+from utils import DifferenceLog
 
 import fastlstm as fl
 
 # Keras's torch backend converts its tensors with np.array(x) (NumPy 2 warns about it).
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
-MAX_DIFF: dict[str, float] = {}
+# Largest absolute difference seen per source (printed at the end of the module with -s).
+DIFFERENCES = DifferenceLog()
+_close = DIFFERENCES.close
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _report_differences():
     yield
-    for source, value in sorted(MAX_DIFF.items()):
-        print(f"\nmax |difference| vs {source}: {value:.3g}")
-
-
-def _close(actual, expected, source, dtype=np.float32, what=""):
-    actual, expected = np.asarray(actual), np.asarray(expected)
-    assert_close(actual, expected, dtype, check_dtype=False, what=f"{source}: {what}")
-    diff = float(np.max(np.abs(actual.astype(np.float64) - expected.astype(np.float64))))
-    MAX_DIFF[source] = max(MAX_DIFF.get(source, 0.0), diff)
+    DIFFERENCES.report()
 
 
 def _numpy(value):

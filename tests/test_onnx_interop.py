@@ -22,27 +22,19 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
-from utils import assert_close
+from utils import DifferenceLog
 
 import fastlstm as fl
 
 # Largest absolute difference seen per source (printed at the end of the module with -s).
-MAX_DIFF: dict[str, float] = {}
+DIFFERENCES = DifferenceLog()
+_close = DIFFERENCES.close
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _report_differences():
     yield
-    for source, value in sorted(MAX_DIFF.items()):
-        print(f"\nmax |difference| vs {source}: {value:.3g}")
-
-
-def _close(actual, expected, source, dtype=np.float32, what=""):
-    """assert_close, remembering the largest difference against ``source``."""
-    actual, expected = np.asarray(actual), np.asarray(expected)
-    assert_close(actual, expected, dtype, check_dtype=False, what=f"{source}: {what}")
-    diff = float(np.max(np.abs(actual.astype(np.float64) - expected.astype(np.float64))))
-    MAX_DIFF[source] = max(MAX_DIFF.get(source, 0.0), diff)
+    DIFFERENCES.report()
 
 
 def _model(input_size=3, hidden=4, *, seed=0, dtype=np.float32, **options):

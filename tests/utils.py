@@ -32,3 +32,21 @@ def assert_close(actual, expected, dtype=None, *, rtol=None, atol=None, check_dt
     np.testing.assert_allclose(
         actual.astype(np.float64), expected.astype(np.float64), rtol=rtol, atol=atol, err_msg=label
     )
+
+
+class DifferenceLog:
+    """assert_close against a named source that also keeps the largest absolute difference
+    seen per source, for the interop tests' report (printed at the end of a module)."""
+
+    def __init__(self) -> None:
+        self.largest: dict[str, float] = {}
+
+    def close(self, actual, expected, source, dtype=np.float32, what=""):
+        actual, expected = np.asarray(actual), np.asarray(expected)
+        assert_close(actual, expected, dtype, check_dtype=False, what=f"{source}: {what}")
+        diff = float(np.max(np.abs(actual.astype(np.float64) - expected.astype(np.float64))))
+        self.largest[source] = max(self.largest.get(source, 0.0), diff)
+
+    def report(self) -> None:
+        for source, value in sorted(self.largest.items()):
+            print(f"\nmax |difference| vs {source}: {value:.3g}")

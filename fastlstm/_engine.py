@@ -259,13 +259,12 @@ def _project_inputs(xp, inputs, w_ih, bias) -> None:
 
 def forward_panels(layer: LayerArrays, fused: bool, batch: int) -> tuple[np.ndarray, ...]:
     """The forward loop's weights packed for the micro-kernel, once per layer call:
-    ([W_ih | W_hh] if ``fused``, else W_hh unless the batch is one row (the loop's gemv
-    reads W_hh itself), W_hr, W_ch[i, f, g], W_ch[o]) as ``x W^T`` panels (empty arrays
-    when absent)."""
+    ([W_ih | W_hh] if ``fused``, else W_hh, W_hr, W_ch[i, f, g], W_ch[o]) as ``x W^T``
+    panels (empty arrays when absent)."""
     dtype = layer.w_hh.dtype
     hidden = layer.w_hh.shape[1] // 4
     w_ih = pack_stacked(layer.w_ih, layer.w_hh) if fused else _empty(dtype, 4)
-    w_hh = _pack_columns(layer.w_hh, 4) if batch > 1 and not fused else _empty(dtype, 4)
+    w_hh = _pack_columns(layer.w_hh, 4) if not fused else _empty(dtype, 4)
     w_hr = _pack_columns(layer.w_hr, 1) if layer.w_hr is not None else _empty(dtype, 4)
     if layer.w_ch is None:
         return w_ih, w_hh, w_hr, _empty(dtype, 4), _empty(dtype, 4)
@@ -276,17 +275,16 @@ def forward_panels(layer: LayerArrays, fused: bool, batch: int) -> tuple[np.ndar
 
 def backward_panels(layer: LayerArrays, batch: int) -> tuple[np.ndarray, ...]:
     """The backward loop's weights packed for the micro-kernel, once per layer call:
-    (W_hh unless the batch is one row, W_hr, W_ch) as ``x W`` panels (empty arrays when
-    absent)."""
+    (W_hh, W_hr, W_ch) as ``x W`` panels (empty arrays when absent)."""
     dtype = layer.w_hh.dtype
-    w_hh = layer.w_hh if batch > 1 else None
     return tuple(
-        _pack_rows(w) if w is not None else _empty(dtype, 4) for w in (w_hh, layer.w_hr, layer.w_ch)
+        _pack_rows(w) if w is not None else _empty(dtype, 4)
+        for w in (layer.w_hh, layer.w_hr, layer.w_ch)
     )
 
 
 def _plan(steps: int, batch: int, directions: int, gates: int, out_size: int):
-    """How to run a layer's time loops: (tasks, run them in parallel, hold BLAS to one thread).
+    """How to run a layer's time loops: (tasks, run them in parallel).
 
     A task is (direction, first row, end row): rows never interact in a time loop, and the
     packed W_hh is shared read-only, so each task runs its whole loop with no
@@ -294,21 +292,21 @@ def _plan(steps: int, batch: int, directions: int, gates: int, out_size: int):
     Each direction's batch is split into as many row chunks as there are threads per
     direction, keeping enough rows per chunk for a register block that keeps the FMA
     units busy (:data:`fastlstm._packed.MIN_CHUNK_ROWS`; a batch of one row
-    takes :func:`one_row_plan` unless it has a projection or full peepholes). The third
-    item says whether the loops call the BLAS (a one-row batch's gemv): then it is held to
-    one thread around them, as everywhere in the engine (see :func:`_held_blas`).
+    takes :func:`one_row_plan` unless it has a projection or full peepholes: then one
+    task, its products through the register tile one row at a time). The loops call no
+    BLAS.
     """
     threads = get_num_threads()
     step_macs = batch * gates * out_size
     serial = [(d, 0, batch) for d in range(directions)]
     if threads < 2 or steps * directions * step_macs < PARALLEL_MIN_MACS:
-        return serial, False, batch == 1
+        return serial, False
     chunks = max(1, min(threads // directions, batch // _packed.MIN_CHUNK_ROWS))
     if directions * chunks < 2:
-        return serial, False, batch == 1
+        return serial, False
     bounds = [batch * part // chunks for part in range(chunks + 1)]
     tasks = [(d, bounds[i], bounds[i + 1]) for d in range(directions) for i in range(chunks)]
-    return tasks, True, batch == 1
+    return tasks, True
 
 
 def one_row_plan(steps: int, directions: int, gates: int, out_size: int, chunks: int):
@@ -352,10 +350,9 @@ def layer_backward_parallel(args: tuple, tasks: list[tuple[int, int, int]]) -> N
     run_tasks(_kernels.layer_backward_rows, [(*args, *task) for task in tasks])
 
 
-def _time_loops(timings, name, serial, parallel, args, tasks, in_parallel, blas_single):
-    """Run one layer's time loops as planned: serially or as tasks, BLAS held or not."""
-    with blas_single_threaded() if blas_single else contextlib.nullcontext():
-        _timed(timings, name, parallel if in_parallel else serial, args, tasks)
+def _time_loops(timings, name, serial, parallel, args, tasks, in_parallel):
+    """Run one layer's time loops as planned: serially or as tasks."""
+    _timed(timings, name, parallel if in_parallel else serial, args, tasks)
 
 
 def forward(
@@ -384,7 +381,7 @@ def forward(
     c_n = np.empty_like(c0)
     caches = []
     layer_in = x
-    tasks, in_parallel, blas_single = _plan(steps, batch, directions, gates, out_size)
+    tasks, in_parallel = _plan(steps, batch, directions, gates, out_size)
     one_row = batch == 1 and layers[0].w_hr is None and layers[0].w_ch is None
     kernel = _kernels.layer_forward_one_row if one_row else _kernels.layer_forward_rows
     notice_first_compile(kernel, dtype, "forward")
@@ -429,7 +426,7 @@ def forward(
             )  # fmt: skip
             _time_loops(
                 timings, "time_loop", layer_forward_serial, layer_forward_parallel,
-                args, tasks, in_parallel, blas_single,
+                args, tasks, in_parallel,
             )  # fmt: skip
             _give(*packed)
         if not training:
@@ -467,7 +464,7 @@ def backward(
     dtype = dout.dtype
     dh0 = np.empty_like(dh_n)
     dc0 = np.empty_like(dc_n)
-    tasks, in_parallel, blas_single = _plan(steps, batch, directions, gates, out_size)
+    tasks, in_parallel = _plan(steps, batch, directions, gates, out_size)
     one_row = batch == 1 and layers[0].w_hr is None and layers[0].w_ch is None
     kernel = _kernels.layer_backward_one_row if one_row else _kernels.layer_backward_rows
     notice_first_compile(kernel, dtype, "backward")
@@ -492,7 +489,7 @@ def backward(
             )  # fmt: skip
             _time_loops(
                 timings, "backward_time_loop", layer_backward_serial, layer_backward_parallel,
-                args, tasks, in_parallel, blas_single,
+                args, tasks, in_parallel,
             )  # fmt: skip
         d_layer_in = _timed(
             timings, "weight_gradients", _weight_gradients, layer, grad, cache, dhstore

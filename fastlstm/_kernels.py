@@ -87,30 +87,6 @@ def _copy2(dst, src):
 
 
 @jit
-def _add_into_gates(xp, d, t, lo, hidden, step_sum):
-    """xp[d, g, t] rows += step_sum[:, g*H:(g+1)*H]: a row-major product into gate-major."""
-    rows = step_sum.shape[0]
-    for g in range(4):
-        block = xp[d, g, t]
-        for r in range(rows):
-            base = lo + r * hidden
-            for j in range(hidden):
-                block[base + j] += step_sum[r, g * hidden + j]
-
-
-@jit
-def _gather_gates(step_grad, xp, d, t, lo, hidden):
-    """step_grad[:, g*H:(g+1)*H] = xp[d, g, t] rows: gate-major back to row-major."""
-    rows = step_grad.shape[0]
-    for g in range(4):
-        block = xp[d, g, t]
-        for r in range(rows):
-            base = lo + r * hidden
-            for j in range(hidden):
-                step_grad[r, g * hidden + j] = block[base + j]
-
-
-@jit
 def _matmul_atb(c, a, b):
     """c += a.T @ b for a (K, M), b (K, N): sums over rows; by hand when tiny per row."""
     k, m = a.shape
@@ -344,11 +320,6 @@ def layer_forward_rows(
     c_new = np.empty_like(c)
     m_proj = np.empty((rows if has_proj else 0, hidden), dtype=c.dtype)
     p_i, p_f, p_o = _tiled_peepholes(peep, d, rows)
-    # A batch of one row here has a projection or full peepholes (others take
-    # layer_forward_one_row): one BLAS gemv per step. (Decided by the whole batch, so a
-    # row's arithmetic never depends on the row split.)
-    gemv = lengths.shape[0] == 1
-    step_sum = np.empty((rows if gemv else 0, 4 * hidden), dtype=c.dtype)
     pan_ih, pan_hh, pan_hr, pan_ifg, pan_o = packed  # (p_i, p_f, p_o are the peepholes)
     # With [W_ih | W_hh]'s panels (pan_ih), each step's input projection is done here, in
     # one product [x_t | h_{t-1}] [W_ih | W_hh]^T while that step's gate block is in cache
@@ -403,9 +374,6 @@ def layer_forward_rows(
                     for q in range(out_size):
                         stacked[r, width_in + q] = h[r, q]
             product_abt(xp, base, gate_stride, hidden, hidden, rows, xh_rows, a_base, pan_ih, d, 4)
-        elif gemv:
-            gemm_abt(step_sum, h, w_hh[d], 0.0)
-            _add_into_gates(xp, d, slot, lo, hidden, step_sum)
         else:
             product_abt(xp, base, gate_stride, hidden, hidden, rows, h, 0, pan_hh, d, 4)
         if full:
@@ -477,8 +445,6 @@ def layer_backward_rows(
     dm_proj = np.empty((rows if has_proj else 0, hidden), dtype=dc.dtype)
     c0_rows = c0[d].reshape(c0.shape[1] * hidden)[lo:hi]
     p_i, p_f, p_o = _tiled_peepholes(peep, d, rows)
-    gemv = lengths.shape[0] == 1  # as in the forward loop
-    step_grad = np.empty((rows if gemv else 0, 4 * hidden), dtype=dc.dtype)
     pan_hh, pan_hr, pan_ch = packed
     gate_stride = steps * xp.shape[3]
     for s in range(steps - 1, -1, -1):
@@ -524,13 +490,8 @@ def layer_backward_rows(
                             xp[d, g, t, (b0 + r) * hidden + j] = 0
                     for j in range(hidden):
                         dc[r * hidden + j] = dc_carry[r * hidden + j]
-        if gemv:  # gather the four gate blocks, then one BLAS call
-            _gather_gates(step_grad, xp, d, t, lo, hidden)
-            gemm_ab(dh_next, step_grad, w_hh[d], 0.0)
-        else:
-            dh_next[:] = 0
-            product_ab(dh_next, rows, xp, base, gate_stride, hidden, hidden,
-                       pan_hh, d, 0, 4)  # fmt: skip
+        dh_next[:] = 0
+        product_ab(dh_next, rows, xp, base, gate_stride, hidden, hidden, pan_hh, d, 0, 4)
         if padded:
             for r in range(rows):
                 if t >= lengths[b0 + r]:  # the state was carried through a padded step
@@ -1000,24 +961,19 @@ def one_row_products_only(xp, h, packed, first, end, steps):
 
 
 @jit
-def recurrent_products_only(xp, x, h, w_hh, packed_ih, packed_hh, gemv, steps):
+def recurrent_products_only(xp, x, h, packed_ih, packed_hh, steps):
     """The forward time loop's matrix products alone (for the profiler's phase split).
 
     ``steps`` times, what one task of the loop does per step: xp (1, 4, 1, rows*H) +=
     x (rows, I + P) [W_ih | W_hh]^T when ``packed_ih`` holds those panels (the loop
     projects its inputs itself; x stands for [x_t | h_{t-1}]), else += h (rows, P) W_hh^T
-    through the packed micro-kernel (``packed_hh`` from pack_columns), or through the
-    BLAS's gemv when ``gemv`` (batch of one; w_hh (1, 4H, P)).
+    (``packed_hh`` from pack_columns), through the packed micro-kernel.
     """
     rows = h.shape[0]
     hidden = xp.shape[3] // rows
-    step_sum = np.empty((rows, 4 * hidden), dtype=xp.dtype)
     stride = rows * hidden
     for _ in range(steps):
         if packed_ih.shape[1] > 0:
             product_abt(xp, 0, stride, hidden, hidden, rows, x, 0, packed_ih, 0, 4)
-        elif gemv:
-            gemm_abt(step_sum, h, w_hh[0], 0.0)
-            _add_into_gates(xp, 0, 0, 0, hidden, step_sum)
         else:
             product_abt(xp, 0, stride, hidden, hidden, rows, h, 0, packed_hh, 0, 4)

@@ -122,7 +122,7 @@ def _recurrent_tasks(lstm: fl.LSTM, shape: Shape, plan: list, rng) -> list[list[
             x = (0.5 * rng.standard_normal((rows, packed_ih.shape[2]))).astype(dtype)
             h = (0.5 * rng.standard_normal((rows, out))).astype(dtype)
             xp = np.zeros((1, 4, 1, rows * lstm.hidden_size), dtype)
-            tasks.append((xp, x, h, w_hh, packed_ih, packed_hh, shape.batch == 1, shape.seq))
+            tasks.append((xp, x, h, packed_ih, packed_hh, shape.seq))
         layers.append(tasks)
     return layers
 
@@ -146,7 +146,7 @@ def _unit_tasks(lstm: fl.LSTM, shape: Shape, plan: list, rng) -> list[list[tuple
             h = (0.5 * rng.standard_normal((shape.batch, out))).astype(dtype)
             xp = np.zeros((1, 4, 1, shape.batch * units), dtype)
             empty = _engine._pack_columns(w_hh, 0)
-            tasks.append((xp, h, h, w_hh, empty, packed_hh, False, shape.seq))
+            tasks.append((xp, h, h, empty, packed_hh, shape.seq))
         layers.append(tasks)
     return layers
 
@@ -312,9 +312,8 @@ def profile(
                 plan, parallel, blas_single = unit_tasks, True, False
                 tasks = _unit_tasks(lstm, shape, plan, rng)
             else:
-                plan, parallel, blas_single = _engine._plan(
-                    shape.seq, shape.batch, directions, gates, out_size
-                )
+                plan, parallel = _engine._plan(shape.seq, shape.batch, directions, gates, out_size)
+                blas_single = False
                 tasks = _recurrent_tasks(lstm, shape, plan, rng)
         recurrent_first = _first_call(lambda: _time_recurrent([tasks[0][:1]], False, False, kernel))
         _time_recurrent(tasks, parallel, blas_single, kernel)  # warm-up (pool, caches)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -308,3 +309,29 @@ def test_profile_times_the_hidden_unit_split_as_the_loop_runs_it(capsys, monkeyp
     result = json.loads(json_path.read_text())
     assert result["plan"]["units_split"] and not result["plan"]["fused_input_projection"]
     assert _positive(result["recurrent_products_s"]) and _positive(result["phases_s"]["input_gemm"])
+
+
+def test_info_names_the_cpu_the_variant_and_the_thresholds(capsys):
+    from fastlstm import _config, _cpu
+
+    text = _run(capsys, "info")
+    assert _cpu.CPU.model in text and _cpu.CPU.llvm_name in text
+    assert f"kernel variant: {_cpu.VARIANT.label}" in text
+    assert ", ".join(_cpu.runnable_variants(_cpu.CPU)) in text
+    report = json.loads(_run(capsys, "info", "--json"))
+    assert report["variant"]["name"] == _cpu.VARIANT.name
+    assert report["variant"]["rows"] == _cpu.VARIANT.rows
+    assert report["cpu"]["l2_bytes"] == _cpu.CPU.l2_bytes > 0
+    assert report["thresholds"]["fused_max_weight_bytes"] == _config.FUSED_MAX_WEIGHT_BYTES
+    assert _config.FUSED_MAX_WEIGHT_BYTES == _cpu.CPU.l3_bytes // 4
+    assert _config.PACKED_PROJECTION_BYTES == _cpu.CPU.l2_bytes // 2
+
+
+def test_a_variant_the_cpu_cannot_run_stops_the_import():
+    done = subprocess.run(
+        [sys.executable, "-c", "import fastlstm"],
+        env={**os.environ, "FASTLSTM_VARIANT": "avx1024"},
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert "FASTLSTM_VARIANT='avx1024'" in done.stderr and "runs only the variants" in done.stderr

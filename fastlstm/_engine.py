@@ -257,7 +257,7 @@ def _project_inputs(xp, inputs, w_ih, bias) -> None:
     _run_parts(_kernels.project_inputs, calls)
 
 
-def forward_panels(layer: LayerArrays, fused: bool, batch: int) -> tuple[np.ndarray, ...]:
+def forward_panels(layer: LayerArrays, fused: bool) -> tuple[np.ndarray, ...]:
     """The forward loop's weights packed for the micro-kernel, once per layer call:
     ([W_ih | W_hh] if ``fused``, else W_hh, W_hr, W_ch[i, f, g], W_ch[o]) as ``x W^T``
     panels (empty arrays when absent)."""
@@ -273,7 +273,7 @@ def forward_panels(layer: LayerArrays, fused: bool, batch: int) -> tuple[np.ndar
     return w_ih, w_hh, w_hr, _pack_columns(ifg, 3), _pack_columns(o, 1)
 
 
-def backward_panels(layer: LayerArrays, batch: int) -> tuple[np.ndarray, ...]:
+def backward_panels(layer: LayerArrays) -> tuple[np.ndarray, ...]:
     """The backward loop's weights packed for the micro-kernel, once per layer call:
     (W_hh, W_hr, W_ch) as ``x W`` panels (empty arrays when absent)."""
     dtype = layer.w_hh.dtype
@@ -418,7 +418,7 @@ def forward(
                 h0[rows], c0[rows], lengths, training,
             )  # fmt: skip
         else:
-            packed = _timed(timings, "pack_weights", forward_panels, layer, fused, batch)
+            packed = _timed(timings, "pack_weights", forward_panels, layer, fused)
             args = (
                 out, h_n[rows], c_n[rows], xp, xh, cstate, mstore, h0[rows], c0[rows],
                 inputs, bias, layer.w_hh, packed, _optional(layer.w_hr, dtype),
@@ -480,7 +480,7 @@ def backward(
                 dh_n[rows], dc_n[rows], lengths,
             )  # fmt: skip
         else:
-            packed = _timed(timings, "pack_weights", backward_panels, layer, batch)
+            packed = _timed(timings, "pack_weights", backward_panels, layer)
             args = (
                 cache.xp, dh0[rows], dc0[rows], dhstore, np.ascontiguousarray(d_layer_out),
                 dh_n[rows], dc_n[rows], cache.cstate, cache.c0,

@@ -586,12 +586,12 @@ def test_row_chunks_as_tasks_equal_one_pass(rng, restore_threads, dtype, peephol
         mstore = np.empty((1, T, batch, hidden), dtype)
         bias = _engine._summed_bias(layer)
         args = (out, h_n, c_n, xp, xh, cstate, mstore, h0, c0, x, bias, layer.w_hh,
-                _engine.forward_panels(layer, True, batch), *optional, lengths, True)  # fmt: skip
+                _engine.forward_panels(layer, True), *optional, lengths, True)  # fmt: skip
         _engine.layer_forward_parallel(args, tasks)
         dh0, dc0 = np.empty_like(h0), np.empty_like(c0)
         dhstore = np.empty((1, T, batch, 5), dtype)
         back = (xp, dh0, dc0, dhstore, dout, np.zeros_like(h0), np.zeros_like(c0), cstate, c0,
-                layer.w_hh, _engine.backward_panels(layer, batch), *optional, lengths)  # fmt: skip
+                layer.w_hh, _engine.backward_panels(layer), *optional, lengths)  # fmt: skip
         _engine.layer_backward_parallel(back, tasks)
         results.append([out, h_n, c_n, xp, xh, dh0, dc0, dhstore])
     for other in results[1:]:

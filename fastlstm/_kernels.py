@@ -10,11 +10,11 @@ Equations (one direction; gate order i, f, g, o as in PyTorch; row vectors, batc
 
 Layout. Gate values are kept *gate-major*: ``xp[d, gate, t]`` is one contiguous vector of
 B*H values (row b at b*H). So for any chunk of batch rows, each gate block of a step is a
-single contiguous slice and the gate math is a few long flat loops per step (AVX2 after
-LLVM's runtime alias checks, paid once per step rather than per row). Each step's
-recurrent product is one GEMM for all four gates into a scratch, spread into the gate
-blocks (or, for tiny sizes, a hand-written row-wise product straight into them). Nothing
-is allocated inside a time loop.
+single contiguous slice and the gate math is a few long flat loops per step (vectorised
+after LLVM's runtime alias checks, paid once per step rather than per row, in gate-pass
+functions of their own). Each step's recurrent product is one register-blocked product
+for all four gates straight into the gate blocks (:mod:`fastlstm._packed`). Nothing is
+allocated inside a time loop.
 
 Conventions: kernels never validate; outputs first, then inputs, then sizes and flags.
 Arrays are C-contiguous in the model's dtype; optional weights are empty arrays.

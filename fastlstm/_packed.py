@@ -19,7 +19,7 @@ Output addressing works for the gate-major layout directly: each of a panel's tw
 vectors has its own base offset, so a panel may span two gates (small H: one vector per
 gate) and the forward product adds straight into ``xp[d, gate, t]`` with no scratch.
 Columns are grouped per gate into vectors (padded with zero columns at a gate's end);
-a vector that is only partly valid goes through a small scratch tile instead, so no
+the lanes of a vector past a gate's end are masked (neither read nor written), so no
 write touches a neighbouring row (which another thread may own).
 
 Each row's sums run over k in the same order whatever the row block, so results do not

@@ -338,6 +338,22 @@ def test_without_out_each_call_returns_a_new_array(rng):
     assert not np.shares_memory(stream(chunk), stream(chunk))
 
 
+def test_out_of_an_equal_dtype_that_is_not_the_same_object_is_taken(rng):
+    """The fast path compares dtypes by identity; an equal dtype (here with metadata) goes
+    the slow way and is written all the same, by step and by a chunk."""
+    model = make("L1", np.float32)
+    x = rng.standard_normal((3, 2, I)).astype(np.float32)
+    equal = np.dtype(np.float32, metadata={"tag": 1})
+    assert equal == np.float32 and equal is not np.dtype(np.float32)
+    plain, tagged = model.stream(2), model.stream(2)
+    out = np.empty((2, H), equal)
+    assert tagged.step(x[0], out=out) is out
+    np.testing.assert_array_equal(out, plain.step(x[0]))
+    chunk = np.empty((2, 2, H), equal)
+    assert tagged(x[1:], out=chunk) is chunk
+    np.testing.assert_array_equal(chunk, plain(x[1:]))
+
+
 @dtypes
 def test_streams_in_threads_equal_serial(rng, dtype):
     model = make("L3", dtype)

@@ -4,9 +4,10 @@ The public classes validate and lay out their inputs, then call :func:`forward` 
 :func:`backward` here with time-major, C-contiguous arrays in the model's dtype. Per layer:
 pack the weights for the micro-kernel (:mod:`fastlstm._packed`), plan the tasks (row
 chunks, directions, or hidden units: a one-row batch, or weights beyond the cache), run
-the time loops (which project each step's inputs themselves unless the batch is one row or
-the weights are large: then one product over all steps first), and after the backward loop
-the weight gradients as GEMMs over all steps. Large scratch arrays come from a per-thread
+the time loops (which project each step's inputs themselves unless the weights are large:
+then one product over all steps first; a one-row batch's tasks each project their own
+units' inputs over all steps before their loop), and after the backward loop the weight
+gradients as GEMMs over all steps. Large scratch arrays come from a per-thread
 workspace. The only Python loop is over layers.
 """
 
@@ -189,9 +190,11 @@ def _summed_bias(layer: LayerArrays) -> np.ndarray:
 def fuses_input_projection(batch: int, w_ih: np.ndarray, w_hh: np.ndarray) -> bool:
     """Whether the time loop projects each step's input itself (see _kernels.layer_forward_rows).
 
-    It does unless the batch is one row (the register tile would run one row at a time)
-    or W_ih and W_hh together outgrow the cache (each step would stream both from
-    memory): then one GEMM over all steps first (project_inputs) is faster.
+    It does unless the batch is one row (the register tile would run one row at a time:
+    the one-row loop's tasks project their units' inputs over all steps first, or with a
+    projection or full peepholes :func:`_project_inputs` does) or W_ih and W_hh together
+    outgrow the cache (each step would stream both from memory): then one GEMM over all
+    steps first (project_inputs) is faster.
     """
     return batch > 1 and w_ih[0].nbytes + w_hh[0].nbytes <= FUSED_MAX_WEIGHT_BYTES
 
@@ -230,8 +233,9 @@ def _run_parts(function, calls: list[tuple]) -> None:
 
 
 def _project_inputs(xp, inputs, w_ih, bias) -> None:
-    """Every step's input projection before the time loop: for few rows (a one-row batch)
-    through the packed micro-kernel, else BLAS GEMMs. Split over fastlstm's threads (BLAS
+    """Every step's input projection before the time loop: for few rows (a small batch
+    beyond the fused limit, or one row with a projection or full peepholes) through the
+    packed micro-kernel, else BLAS GEMMs. Split over fastlstm's threads (BLAS
     on one thread each) when large, never on the BLAS's threads: an OpenBLAS thread
     left spinning after a threaded call takes a core from the time loop's tasks that
     follow (measured at the latency shape: the one-row loop on two threads took 3.1 ms
@@ -241,7 +245,7 @@ def _project_inputs(xp, inputs, w_ih, bias) -> None:
     rows, width = inputs.shape
     parts = max(1, min(_parts(rows * width * w_ih.shape[0] * w_ih.shape[1]), steps))
     if -(-rows // parts) * inputs.strides[0] <= PACKED_PROJECTION_BYTES:
-        # Few rows (a one-row batch): the packed micro-kernel, rows cut anywhere.
+        # Few rows: the packed micro-kernel, rows cut anywhere.
         packed = _pack_columns(w_ih, 4)
         bounds = [rows * part // parts for part in range(parts + 1)]
         calls = [(xp, inputs, packed, bias, bounds[i], bounds[i + 1]) for i in range(parts)]
@@ -394,7 +398,8 @@ def forward(
         # the loop needs one step's.
         slots = steps if training or not fused else 1
         xp = _take((directions, 4, slots, batch * hidden), dtype)
-        if not fused:
+        one_row_layer = batch == 1 and layer.w_hr is None and layer.w_ch is None
+        if not fused and not one_row_layer:  # (a one-row loop projects its own inputs)
             _timed(timings, "input_gemm", _project_inputs, xp, inputs, layer.w_ih, bias)
         out = np.empty((steps, batch, directions * out_size), dtype)
         if training:
@@ -407,10 +412,10 @@ def forward(
             xh, cstate, mstore = _empty(dtype, 3), _empty(dtype, 3), _empty(dtype, 4)
         rows = slice(k * directions, (k + 1) * directions)
         unit_tasks = units_plan(steps, batch, layer, fused)
-        if batch == 1 and layer.w_hr is None and layer.w_ch is None:
+        if one_row_layer:
             _forward_one_row(
                 timings, layer, out, h_n[rows], c_n[rows], xp, xh, cstate,
-                h0[rows], c0[rows], lengths, training,
+                h0[rows], c0[rows], inputs, bias, lengths, training,
             )  # fmt: skip
         elif unit_tasks:
             _forward_units(
@@ -562,24 +567,28 @@ def _forward_units(
 
 
 def _forward_one_row(
-    timings, layer, out, h_n, c_n, xp, xh, cstate, h0, c0, lengths, training
+    timings, layer, out, h_n, c_n, xp, xh, cstate, h0, c0, inputs, bias, lengths, training
 ) -> None:
-    """One layer's forward loops for a batch of one row (xp holds the input projection)."""
+    """One layer's forward loops for a batch of one row. Each task projects its own units'
+    inputs and packs its part of the weights first (_kernels.one_row_inputs): the time
+    loop phase includes both."""
     directions, gates, out_size = layer.w_hh.shape
     steps = out.shape[0]
-    packed = _timed(timings, "pack_weights", _pack_units, layer.w_hh)
+    dtype = layer.w_hh.dtype
+    packed_ih = _take(_packed.units_shape(layer.w_ih.shape, dtype.itemsize), dtype)
+    packed = _take(_packed.units_shape(layer.w_hh.shape, dtype.itemsize), dtype)
     tasks, parties, parallel = one_row_plan(steps, directions, gates, out_size, packed.shape[2])
-    state = np.empty((directions, 2, out_size), layer.w_hh.dtype)
+    state = np.empty((directions, 2, out_size), dtype)
     state[:, 0] = h0[:, 0]
     counter = np.zeros(1, np.int64)
     args = (
-        out, h_n, c_n, xp, xh, cstate, h0, c0, packed,
-        _optional(layer.peep, layer.w_hh.dtype), lengths,
+        out, h_n, c_n, xp, xh, cstate, h0, c0, inputs, layer.w_ih, layer.w_hh, bias,
+        packed_ih, packed, _optional(layer.peep, dtype), lengths,
     )  # fmt: skip
     calls = [(*args, *task, state, counter, parties, training) for task in tasks]
     _timed(timings, "time_loop", _run_one_row, _kernels.layer_forward_one_row,
            calls, parties, parallel)  # fmt: skip
-    _give(packed)
+    _give(packed_ih, packed)
 
 
 def _backward_one_row(timings, layer, cache, dh0, dc0, dout, dh_n, dc_n, lengths) -> tuple:

@@ -636,23 +636,73 @@ def pack_units(packed, w):
     """Fill ``packed`` (:func:`units_shape`) with W (D, 4H, P) for the one-row product:
     packed[d, g, chunk, k, j] = W[d, g H + chunk width + j, k], zero past H. A chunk is
     ROW_VECTORS vectors of hidden units; threads of one direction own chunk ranges."""
-    directions, gates, inner = w.shape
+    for d in range(w.shape[0]):
+        pack_unit_chunks(packed, w, d, 0, packed.shape[2])
+
+
+@jit
+def pack_unit_chunks(packed, w, d, first, end):
+    """:func:`pack_units` of direction d, chunks first..end-1 only: a thread packs the
+    chunks it multiplies by, so they are in its own core's cache when the loop starts."""
+    gates, inner = w.shape[1], w.shape[2]
     hidden = gates // 4
     chunks = packed.shape[2]
     width = packed.shape[4]
     lanes = lanes_of(w)
     target = packed.reshape(packed.size)
     source = w.reshape(w.size)
-    for d in range(directions):
-        for g in range(4):
-            for chunk in range(chunks):
-                base = ((d * 4 + g) * chunks + chunk) * inner * width
-                for v in range(width // lanes):
-                    unit = chunk * width + v * lanes
-                    valid = max(0, min(lanes, hidden - unit))
-                    s_off = (d * gates + g * hidden + unit) * inner
-                    _transpose_rows(target, base + v * lanes, width, source, s_off, inner, inner,
-                                    valid, lanes)  # fmt: skip
+    for g in range(4):
+        for chunk in range(first, end):
+            base = ((d * 4 + g) * chunks + chunk) * inner * width
+            for v in range(width // lanes):
+                unit = chunk * width + v * lanes
+                valid = max(0, min(lanes, hidden - unit))
+                s_off = (d * gates + g * hidden + unit) * inner
+                _transpose_rows(target, base + v * lanes, width, source, s_off, inner, inner,
+                                valid, lanes)  # fmt: skip
+
+
+@jit
+def project_unit_chunks(xp, x, packed, d, first, end):
+    """xp[d, g, t, u] += x[t] W[d, g H + u]^T for every step t and gate g, for the hidden
+    units u of chunks first..end-1; x (T, K), xp (D, 4, T, H), W packed by
+    :func:`pack_units` (the input projection of a batch of one row, a thread's own units).
+
+    The register tile runs over the chunk's vectors two at a time (a panel whose rows are
+    ``width`` apart), each over every block of steps while it is in the cache. Each
+    element's sum runs over k in order, as in every product here.
+    """
+    steps, inner = x.shape
+    hidden = xp.shape[3]
+    chunks = packed.shape[2]
+    width = packed.shape[4]
+    lanes = lanes_of(x)
+    vectors = width // lanes
+    gate_stride = steps * hidden
+    flat = xp.reshape(xp.size)
+    a_flat = x.reshape(x.size)
+    b_flat = packed.reshape(packed.size)
+    count, base, extra = row_blocks(steps)
+    for g in range(4):
+        for chunk in range(first, end):
+            b_chunk = ((d * 4 + g) * chunks + chunk) * inner * width
+            for v in range(0, vectors, 2):
+                col0 = chunk * width + v * lanes
+                valid0 = min(lanes, hidden - col0)
+                if valid0 <= 0:
+                    break
+                valid1 = max(0, min(lanes, hidden - col0 - lanes)) if v + 1 < vectors else 0
+                off0 = (d * 4 + g) * gate_stride + col0
+                b_off = b_chunk + v * lanes
+                ahead = b_off + 2 * lanes if v + 2 < vectors else b_off
+                for i in range(count):
+                    r0 = i * base + min(i, extra)
+                    block = base + (1 if i < extra else 0)
+                    shift = r0 * hidden
+                    tile(
+                        flat, off0 + shift, off0 + lanes + shift, hidden, a_flat, r0 * inner,
+                        inner, b_flat, b_off, width, inner, block, valid0, valid1, ahead,
+                    )  # fmt: skip
 
 
 @jit(inline=True)

@@ -167,6 +167,28 @@ def _one_row_tasks(lstm: fl.LSTM, shape: Shape, plan: list, rng) -> list[list[tu
     return layers
 
 
+def _one_row_input_tasks(lstm: fl.LSTM, shape: Shape, plan: list, rng) -> list[list[tuple]]:
+    """Per layer, the argument sets of ``_kernels.one_row_inputs`` (what each task of the
+    one-row loop does before its steps: pack its part of the weights, project its units'
+    inputs), one per task of the engine's one-row plan."""
+    dtype = lstm.dtype
+    layers = []
+    for layer in lstm._layers:
+        width = layer.w_ih.shape[2]
+        inputs = rng.standard_normal((shape.seq, width)).astype(dtype)
+        xp = np.zeros((layer.w_hh.shape[0], 4, shape.seq, lstm.hidden_size), dtype)
+        bias = _engine._summed_bias(layer)
+        packed_ih = np.empty(_packed.units_shape(layer.w_ih.shape, dtype.itemsize), dtype)
+        packed = np.empty(_packed.units_shape(layer.w_hh.shape, dtype.itemsize), dtype)
+        layers.append(
+            [
+                (xp, inputs, layer.w_ih, bias, packed_ih, layer.w_hh, packed, d, first, end)
+                for d, first, end in plan
+            ]
+        )
+    return layers
+
+
 def _time_recurrent(
     layers: list[list[tuple]], parallel: bool, blas_single: bool, kernel=None
 ) -> float:
@@ -320,6 +342,14 @@ def profile(
         recurrent_s = statistics.fmean(
             _time_recurrent(tasks, parallel, blas_single, kernel) for _ in range(repeats)
         )
+        inputs_s = 0.0  # a one-row loop's own input projection and packing, timed alone
+        if one_row:
+            inputs = _one_row_input_tasks(lstm, shape, plan, rng)
+            prologue = _kernels.one_row_inputs
+            _time_recurrent(inputs, parallel, False, prologue)  # warm-up
+            inputs_s = statistics.fmean(
+                _time_recurrent(inputs, parallel, False, prologue) for _ in range(repeats)
+            )
         machine = machine_info()
         machine["fastlstm_threads"] = fl.get_num_threads()
 
@@ -342,7 +372,8 @@ def profile(
         "public_s": public_s,
         "recurrent_products_s": recurrent_s,
         "recurrent_first_call": recurrent_first,
-        "gate_math_estimate_s": phases["time_loop"] - recurrent_s,
+        "loop_inputs_s": inputs_s,
+        "gate_math_estimate_s": phases["time_loop"] - recurrent_s - inputs_s,
         "flops": work,
         "plan": {
             "tasks": [list(task) for task in plan] if parallel else None,
@@ -407,14 +438,34 @@ def format_profile(result: dict[str, Any]) -> str:
 
     phases = result["phases_s"]
     fused = result["plan"]["fused_input_projection"]
+    one_row = result["plan"]["one_row"]
+    loop_flops = flops["time_loop"]
     if fused:
         lines.append(line("input_gemm", None, None, "(inside time_loop: fused per step)"))
+    elif one_row:
+        lines.append(line("input_gemm", None, None, "(inside time_loop: each task its own units)"))
+        loop_flops += flops["input_gemm"]
     else:
         lines.append(line("input_gemm", phases["input_gemm"], flops["input_gemm"]))
-    lines.append(
-        line("pack_weights", phases["pack_weights"], None, "weights into panels, once per call")
-    )
-    lines.append(line("time_loop", phases["time_loop"], flops["time_loop"]))
+    if one_row and config["train"]:
+        note = "backward's W_hh into panels (forward's: inside time_loop)"
+        lines.append(line("pack_weights", phases["pack_weights"], None, note))
+    elif one_row:
+        lines.append(line("pack_weights", None, None, "(inside time_loop: each task its part)"))
+    else:
+        lines.append(
+            line("pack_weights", phases["pack_weights"], None, "weights into panels, once per call")
+        )
+    lines.append(line("time_loop", phases["time_loop"], loop_flops))
+    if one_row:
+        lines.append(
+            line(
+                "  inputs and packing *",
+                result["loop_inputs_s"],
+                flops["input_gemm"],
+                "timed alone: x W_ih^T, W_ih and W_hh into panels",
+            )
+        )
     lines.append(
         line(
             "  matrix products *",
@@ -428,7 +479,7 @@ def format_profile(result: dict[str, Any]) -> str:
             "  gate math *",
             result["gate_math_estimate_s"],
             None,
-            "= time_loop - matrix products",
+            "= time_loop - matrix products" + (" - inputs and packing" if one_row else ""),
         )
     )
     uses_dropout = config["train"] and layers > 1 and config["dropout"] > 0
@@ -456,7 +507,7 @@ def format_profile(result: dict[str, Any]) -> str:
     lines.append(line("total (public call)", total, work_total))
     lines.append(
         "  * an estimate: the loop's products timed alone (_kernels.recurrent_products_only,"
-        " one_row_products_only)"
+        " one_row_products_only" + (", one_row_inputs)" if one_row else ")")
     )
     lines.append("    (same sizes, dtype and threading as the loop); gate math is the remainder.")
 

@@ -261,12 +261,17 @@ def test_profile_prints_every_phase_and_the_thread_config(capsys, tmp_path, extr
     assert ("first backward" in text) == ("--train" in extra)
     result = json.loads(json_path.read_text())
     phases = result["phases_s"]
-    # One row: a GEMM over every step first; more: each step's projection inside the loop.
+    # One row: each task of the loop projects its own units' inputs before its steps (timed
+    # alone beside); more: each step's projection inside the loop.
     fused = result["plan"]["fused_input_projection"]
-    assert fused == ("--batch" not in extra)
-    assert _positive(phases["input_gemm"]) != fused and _positive(phases["time_loop"])
-    assert ("inside time_loop" in text) == fused
-    assert result["plan"]["one_row"] == ("one-row micro-kernel" in text) == ("--batch" in extra)
+    one_row = result["plan"]["one_row"]
+    assert fused == ("--batch" not in extra) == (not one_row)
+    assert phases["input_gemm"] == 0 and _positive(phases["time_loop"])
+    assert _positive(result["loop_inputs_s"]) == one_row
+    assert ("inside time_loop: fused per step" in text) == fused
+    assert ("inside time_loop: each task its own units" in text) == one_row
+    assert ("inputs and packing *" in text) == one_row
+    assert one_row == ("one-row micro-kernel" in text) == ("--batch" in extra)
     if "--train" in extra:
         assert _positive(phases["backward_time_loop"]) and _positive(phases["weight_gradients"])
     assert _positive(phases["dropout"]) == ("--dropout" in extra)

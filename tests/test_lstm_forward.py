@@ -814,10 +814,11 @@ def test_outputs_have_the_model_dtype(rng, dtype, x_dtype):
 
 
 # Every layer's input projection takes one of three routes: in the time loop (batch > 1,
-# weights up to FUSED_MAX_WEIGHT_BYTES), the packed micro-kernel before the loop (few
-# rows: PACKED_PROJECTION_BYTES) or BLAS GEMMs before the loop. The limits, set to 0 or
-# left, force each route; every one agrees with the reference and with itself on 1 and 2
-# threads (split into parts from PARALLEL_MIN_MACS = 0 on).
+# weights up to FUSED_MAX_WEIGHT_BYTES; a one-row batch always, each task its own units),
+# the packed micro-kernel before the loop (few rows: PACKED_PROJECTION_BYTES) or BLAS
+# GEMMs before the loop. The limits, set to 0 or left, force each route; every one agrees
+# with the reference and with itself on 1 and 2 threads (split into parts from
+# PARALLEL_MIN_MACS = 0 on).
 PROJECTION_ROUTES = {
     "in-loop": {},
     "packed": {"FUSED_MAX_WEIGHT_BYTES": 0},
@@ -856,8 +857,9 @@ def test_every_input_projection_route_matches_the_reference(
     for name, value in serial.items():
         np.testing.assert_array_equal(parallel[name], value, err_msg=name)
     assert_matches_reference(parallel, model, args)
-    # (a one-row batch never projects in the loop)
-    taken = "packed" if batch == 1 and route == "in-loop" else route
+    # (a one-row batch's loop projects its own units' inputs on every route:
+    # _kernels.one_row_inputs, inside the loop's tasks)
+    taken = "in-loop" if batch == 1 else route
     expected_calls = {"in-loop": (False, False), "packed": (False, True), "blas": (True, False)}
     used = (calls["project_inputs"] > 0, calls["project_inputs_packed"] > 0)
     assert used == expected_calls[taken]

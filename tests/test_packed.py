@@ -130,3 +130,47 @@ def test_pack_rows_match_numpy(dtype, directions, hidden, inner):
     assert np.array_equal(rows, expected_rows(w))
     shape = _packed.units_rows_shape(w.shape, w.itemsize)
     assert np.array_equal(packed_by(_packed.pack_units_rows, shape, w), expected_units_rows(w))
+
+
+def chunk_width(dtype) -> int:
+    return _packed.units_shape((1, 4, 1), np.dtype(dtype).itemsize)[4]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pack_unit_chunks_writes_only_its_direction_and_chunks(dtype):
+    """A thread's share of pack_units: direction d, chunks first..end-1 (here the middle and
+    the part-valid last of three), as pack_units packs them; nothing else touched."""
+    rng = np.random.default_rng(3)
+    hidden = 2 * chunk_width(dtype) + 3
+    w = rng.standard_normal((2, 4 * hidden, 9)).astype(dtype)
+    target = np.full(_packed.units_shape(w.shape, w.itemsize), np.nan, dtype)
+    _packed.pack_unit_chunks(target, w, 1, 1, 3)
+    expected = expected_units(w)
+    assert np.array_equal(target[1, :, 1:3], expected[1, :, 1:3])
+    assert np.isnan(target[0]).all() and np.isnan(target[1, :, 0]).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("steps", [1, 13, 40])
+def test_project_unit_chunks_adds_the_input_projection_of_its_units(dtype, steps):
+    """xp[d, g, t, u] += x_t W[d, g H + u]^T for the units of the chunks asked (the second,
+    part-valid one of two here) in direction d, every step (row blocks of every size)."""
+    rng = np.random.default_rng(steps)
+    width = chunk_width(dtype)
+    hidden, inner = width + 5, 21
+    w = rng.standard_normal((2, 4 * hidden, inner)).astype(dtype)
+    x = rng.standard_normal((steps, inner)).astype(dtype)
+    packed = np.empty(_packed.units_shape(w.shape, w.itemsize), dtype)
+    _packed.pack_units(packed, w)
+    before = rng.standard_normal((2, 4, steps, hidden)).astype(dtype)
+    xp = before.copy()
+    _packed.project_unit_chunks(xp, x, packed, 1, 1, 2)
+    units = slice(width, hidden)
+    for g in range(4):
+        rows = w[1, g * hidden + width : (g + 1) * hidden]
+        expected = before[1, g, :, units] + x.astype(np.float64) @ rows.T.astype(np.float64)
+        tolerance = 1e-5 if dtype == np.float32 else 1e-12
+        np.testing.assert_allclose(xp[1, g, :, units], expected, rtol=tolerance, atol=tolerance)
+    untouched = np.ones(xp.shape, bool)
+    untouched[1, :, :, units] = False
+    assert np.array_equal(xp[untouched], before[untouched])

@@ -57,11 +57,13 @@ MERGED_GRADIENT_MIN_ROWS = 1024
 
 def _kernel_key() -> str:
     """What compiled kernels depend on beyond their own function's code: the kernel variant
-    and the package's private modules (intrinsics, helpers and constants that kernels
-    inline). Numba's cache checks only a function's own bytecode and its CPU."""
+    and the package's private modules, the kernel layer's included (intrinsics, helpers
+    and constants that kernels inline). Numba's cache checks only a function's own
+    bytecode and its CPU."""
     digest = hashlib.sha256(repr(VARIANT).encode())
-    for path in sorted(Path(__file__).parent.glob("_*.py")):
-        digest.update(path.name.encode())
+    root = Path(__file__).parent
+    for path in sorted([*root.glob("_*.py"), *root.glob("_kernels/*.py")]):
+        digest.update(path.relative_to(root).as_posix().encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()[:20]
 

@@ -2,7 +2,7 @@
 
 The public classes validate and lay out their inputs, then call :func:`forward` and
 :func:`backward` here with time-major, C-contiguous arrays in the model's dtype. Per layer:
-pack the weights for the micro-kernel (:mod:`fastlstm._packed`), plan the tasks (row
+pack the weights for the micro-kernel (:mod:`fastlstm._kernels.packing`), plan the tasks (row
 chunks, directions, or hidden units: a one-row batch, or weights beyond the cache), run
 the time loops (which project each step's inputs themselves unless the weights are large:
 then one product over all steps first; a one-row batch's tasks each project their own
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fastlstm import _kernels, _packed, _sync
+from fastlstm import _kernels
 from fastlstm._config import (
     FUSED_MAX_WEIGHT_BYTES,
     PACKED_PROJECTION_BYTES,
@@ -31,6 +31,7 @@ from fastlstm._config import (
     SMALL_ROW_MACS,
     SPLIT_PARTS,
 )
+from fastlstm._kernels import packing, sync, tiles
 from fastlstm._precompile import notice_first_compile
 from fastlstm._threads import blas_single_threaded, get_num_threads, run_tasks
 
@@ -137,8 +138,8 @@ def _give(*arrays: np.ndarray) -> None:
 
 
 def _pack_columns(w: np.ndarray, blocks: int) -> np.ndarray:
-    packed = _take(_packed.columns_shape(w.shape, blocks, w.itemsize), w.dtype)
-    _packed.pack_columns(packed, w, blocks, 0)
+    packed = _take(packing.columns_shape(w.shape, blocks, w.itemsize), w.dtype)
+    packing.pack_columns(packed, w, blocks, 0)
     return packed
 
 
@@ -146,28 +147,28 @@ def pack_stacked(w_ih: np.ndarray, w_hh: np.ndarray) -> np.ndarray:
     """[W_ih | W_hh] (D, 4H, I + P) as one set of panels: the fused loop's single product
     [x_t | h_{t-1}] [W_ih | W_hh]^T per step."""
     directions, gates, width = w_ih.shape
-    shape = _packed.columns_shape((directions, gates, width + w_hh.shape[2]), 4, w_ih.itemsize)
+    shape = packing.columns_shape((directions, gates, width + w_hh.shape[2]), 4, w_ih.itemsize)
     packed = _take(shape, w_ih.dtype)
-    _packed.pack_columns(packed, w_ih, 4, 0)
-    _packed.pack_columns(packed, w_hh, 4, width)
+    packing.pack_columns(packed, w_ih, 4, 0)
+    packing.pack_columns(packed, w_hh, 4, width)
     return packed
 
 
 def _pack_units(w: np.ndarray) -> np.ndarray:
-    packed = _take(_packed.units_shape(w.shape, w.itemsize), w.dtype)
-    _packed.pack_units(packed, w)
+    packed = _take(packing.units_shape(w.shape, w.itemsize), w.dtype)
+    packing.pack_units(packed, w)
     return packed
 
 
 def _pack_units_rows(w: np.ndarray) -> np.ndarray:
-    packed = _take(_packed.units_rows_shape(w.shape, w.itemsize), w.dtype)
-    _packed.pack_units_rows(packed, w)
+    packed = _take(packing.units_rows_shape(w.shape, w.itemsize), w.dtype)
+    packing.pack_units_rows(packed, w)
     return packed
 
 
 def _pack_rows(w: np.ndarray) -> np.ndarray:
-    packed = _take(_packed.rows_shape(w.shape, w.itemsize), w.dtype)
-    _packed.pack_rows(packed, w)
+    packed = _take(packing.rows_shape(w.shape, w.itemsize), w.dtype)
+    packing.pack_rows(packed, w)
     return packed
 
 
@@ -295,7 +296,7 @@ def _plan(steps: int, batch: int, directions: int, gates: int, out_size: int):
     synchronisation (one fork/join per layer call, as ONNX Runtime splits its batch).
     Each direction's batch is split into as many row chunks as there are threads per
     direction, keeping enough rows per chunk for a register block that keeps the FMA
-    units busy (:data:`fastlstm._packed.MIN_CHUNK_ROWS`; a batch of one row
+    units busy (:data:`fastlstm.tiles.MIN_CHUNK_ROWS`; a batch of one row
     takes :func:`one_row_plan` unless it has a projection or full peepholes: then one
     task, its products through the register tile one row at a time). The loops call no
     BLAS.
@@ -305,7 +306,7 @@ def _plan(steps: int, batch: int, directions: int, gates: int, out_size: int):
     serial = [(d, 0, batch) for d in range(directions)]
     if threads < 2 or steps * directions * step_macs < PARALLEL_MIN_MACS:
         return serial, False
-    chunks = max(1, min(threads // directions, batch // _packed.MIN_CHUNK_ROWS))
+    chunks = max(1, min(threads // directions, batch // tiles.MIN_CHUNK_ROWS))
     if directions * chunks < 2:
         return serial, False
     bounds = [batch * part // chunks for part in range(chunks + 1)]
@@ -324,7 +325,7 @@ def one_row_plan(steps: int, directions: int, gates: int, out_size: int, chunks:
     whole = [(d, 0, chunks) for d in range(directions)]
     if threads < 2 or steps * directions * gates * out_size < PARALLEL_MIN_MACS:
         return whole, 1, False
-    if directions == 1 and chunks >= 2 and _sync.AVAILABLE:
+    if directions == 1 and chunks >= 2 and sync.AVAILABLE:
         half = chunks // 2
         return [(0, 0, half), (0, half, chunks)], 2, True
     return whole, 1, directions > 1
@@ -521,7 +522,7 @@ def units_plan(steps: int, batch: int, layer: LayerArrays, fused: bool) -> list[
     """
     directions, gates, out_size = layer.w_hh.shape
     hidden = gates // 4
-    panel = 2 * (_packed.VECTOR_BYTES // layer.w_hh.itemsize)
+    panel = 2 * (tiles.VECTOR_BYTES // layer.w_hh.itemsize)
     if (
         fused
         or directions != 1
@@ -529,7 +530,7 @@ def units_plan(steps: int, batch: int, layer: LayerArrays, fused: bool) -> list[
         or layer.w_hr is not None
         or layer.w_ch is not None
         or get_num_threads() < 2
-        or not _sync.AVAILABLE
+        or not sync.AVAILABLE
         or hidden < 2 * panel
         or steps * batch * gates * out_size < PARALLEL_MIN_MACS
     ):
@@ -548,9 +549,9 @@ def _forward_units(
     for d, first, end in tasks:
         w = layer.w_hh[d : d + 1]
         packed = _take(
-            _packed.columns_shape((1, 4 * (end - first), w.shape[2]), 4, w.itemsize), dtype
+            packing.columns_shape((1, 4 * (end - first), w.shape[2]), 4, w.itemsize), dtype
         )
-        _timed(timings, "pack_weights", _packed.pack_unit_columns, packed, w, first, end - first)
+        _timed(timings, "pack_weights", packing.pack_unit_columns, packed, w, first, end - first)
         packs.append(packed)
     state = np.empty((2, batch, out_size), dtype)
     state[0] = h0[0]
@@ -575,8 +576,8 @@ def _forward_one_row(
     directions, gates, out_size = layer.w_hh.shape
     steps = out.shape[0]
     dtype = layer.w_hh.dtype
-    packed_ih = _take(_packed.units_shape(layer.w_ih.shape, dtype.itemsize), dtype)
-    packed = _take(_packed.units_shape(layer.w_hh.shape, dtype.itemsize), dtype)
+    packed_ih = _take(packing.units_shape(layer.w_ih.shape, dtype.itemsize), dtype)
+    packed = _take(packing.units_shape(layer.w_hh.shape, dtype.itemsize), dtype)
     tasks, parties, parallel = one_row_plan(steps, directions, gates, out_size, packed.shape[2])
     state = np.empty((directions, 2, out_size), dtype)
     state[:, 0] = h0[:, 0]

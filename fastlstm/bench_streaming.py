@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 
 import fastlstm as fl
-from fastlstm import _stream_kernels, peers
+from fastlstm import peers
+from fastlstm._kernels import stream as stream_kernels
 
 HIDDEN = (64, 128, 256)
 BATCHES = (1, 16)
@@ -134,7 +135,7 @@ def split(model: fl.LSTM, x: np.ndarray, steps: int, repeats: int) -> dict[str, 
     out = np.empty((x.shape[0], model.hidden_size), model.dtype)
     chunk = np.ascontiguousarray(np.broadcast_to(x, (steps, *x.shape)))
     chunk_out = np.empty((steps, *out.shape), model.dtype)
-    kernel = _stream_kernels.stream_step
+    kernel = stream_kernels.stream_step
     ws, panels, meta = stream._ws, stream._panels, stream._meta
 
     def direct() -> None:

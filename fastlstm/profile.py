@@ -23,6 +23,8 @@ each kernel then), with Numba's own count of cache hits and misses.
 from __future__ import annotations
 
 import contextlib
+import importlib
+import pkgutil
 import statistics
 import time
 from dataclasses import asdict
@@ -32,7 +34,8 @@ import numba
 import numpy as np
 
 import fastlstm as fl
-from fastlstm import _activations, _blas, _config, _engine, _kernels, _packed
+from fastlstm import _config, _engine, _kernels
+from fastlstm._kernels import packing
 from fastlstm._threads import blas_single_threaded, run_tasks
 from fastlstm.bench import DEFAULT_THREADS, Shape, cpu_text, machine_info, threads
 
@@ -43,7 +46,8 @@ PHASES = FORWARD_PHASES + BACKWARD_PHASES
 
 def _dispatchers() -> list:
     found = []
-    for module in (_kernels, _packed, _blas, _activations):
+    for info in pkgutil.iter_modules(_kernels.__path__):
+        module = importlib.import_module(f"{_kernels.__name__}.{info.name}")
         for value in vars(module).values():
             if isinstance(value, numba.core.registry.CPUDispatcher) and value not in found:
                 found.append(value)
@@ -140,9 +144,9 @@ def _unit_tasks(lstm: fl.LSTM, shape: Shape, plan: list, rng) -> list[list[tuple
             w_hh = np.ascontiguousarray(layer.w_hh[d : d + 1])
             units = end - first
             packed_hh = np.empty(
-                _packed.columns_shape((1, 4 * units, out), 4, dtype.itemsize), dtype
+                packing.columns_shape((1, 4 * units, out), 4, dtype.itemsize), dtype
             )
-            _packed.pack_unit_columns(packed_hh, w_hh, first, units)
+            packing.pack_unit_columns(packed_hh, w_hh, first, units)
             h = (0.5 * rng.standard_normal((shape.batch, out))).astype(dtype)
             xp = np.zeros((1, 4, 1, shape.batch * units), dtype)
             empty = _engine._pack_columns(w_hh, 0)
@@ -178,8 +182,8 @@ def _one_row_input_tasks(lstm: fl.LSTM, shape: Shape, plan: list, rng) -> list[l
         inputs = rng.standard_normal((shape.seq, width)).astype(dtype)
         xp = np.zeros((layer.w_hh.shape[0], 4, shape.seq, lstm.hidden_size), dtype)
         bias = _engine._summed_bias(layer)
-        packed_ih = np.empty(_packed.units_shape(layer.w_ih.shape, dtype.itemsize), dtype)
-        packed = np.empty(_packed.units_shape(layer.w_hh.shape, dtype.itemsize), dtype)
+        packed_ih = np.empty(packing.units_shape(layer.w_ih.shape, dtype.itemsize), dtype)
+        packed = np.empty(packing.units_shape(layer.w_hh.shape, dtype.itemsize), dtype)
         layers.append(
             [
                 (xp, inputs, layer.w_ih, bias, packed_ih, layer.w_hh, packed, d, first, end)
@@ -321,7 +325,7 @@ def profile(
         one_row = shape.batch == 1  # the profiled models have no projection or peepholes
         unit_tasks = []
         if one_row:
-            chunks = _packed.units_shape(lstm._layers[0].w_hh.shape, dtype.itemsize)[2]
+            chunks = packing.units_shape(lstm._layers[0].w_hh.shape, dtype.itemsize)[2]
             plan, _, parallel = _engine.one_row_plan(shape.seq, directions, gates, out_size, chunks)
             blas_single, kernel = False, _kernels.one_row_products_only
             tasks = _one_row_tasks(lstm, shape, plan, rng)

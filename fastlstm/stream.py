@@ -4,7 +4,7 @@
 :class:`CellStream`: an inference session over a snapshot of the model's weights. Creating
 one packs every layer's weights for the micro-kernels and lays out the state and all
 scratch in one array; a step is then one compiled call for all layers
-(:mod:`fastlstm._stream_kernels`) on the calling thread, with no packing, no threads to
+(:mod:`fastlstm._kernels.stream`) on the calling thread, with no packing, no threads to
 wake and, with ``out=``, no allocation at all.
 
 Numbers: those of the model in eval mode over the whole sequence (within float rounding),
@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from fastlstm import _packed, _stream_kernels
-from fastlstm._module import check_positive_int, to_numpy
-from fastlstm._stream_kernels import (
+from fastlstm._kernels import packing
+from fastlstm._kernels import stream as stream_kernels
+from fastlstm._kernels.stream import (
     _HEADER,
     _RECORD,
     M_BATCH,
@@ -44,6 +44,7 @@ from fastlstm._stream_kernels import (
     R_WIDTH,
     R_XP,
 )
+from fastlstm._module import check_positive_int, to_numpy
 from fastlstm._threads import get_num_threads, run_tasks
 from fastlstm._validate import check_shape, real_array
 
@@ -68,7 +69,7 @@ def _one_row(batch: int, hidden: int, dtype: np.dtype) -> bool:
     most of its work is padding and the register tile (two vectors wide) is faster
     (measured, AVX-512, 128-unit chunks, per step: H = 64 one-row 4.0 us, tile 2.7; H = 100
     5.8 and 6.6; H = 256 25 and 35)."""
-    chunk = _packed.units_shape((1, 4, 1), np.dtype(dtype).itemsize)[4]
+    chunk = packing.units_shape((1, 4, 1), np.dtype(dtype).itemsize)[4]
     return batch == 1 and 2 * hidden > chunk
 
 
@@ -120,8 +121,8 @@ class Stream:
         # The step's fast path: an array of exactly this shape and dtype goes straight in.
         self._x_shape = (batch, inputs)
         self._y_shape = (batch, out_size)
-        self._step_kernel = _stream_kernels.stream_step
-        self._chunk_kernel = _stream_kernels.stream_chunk
+        self._step_kernel = stream_kernels.stream_step
+        self._chunk_kernel = stream_kernels.stream_chunk
 
     # ------------------------------------------------------------------ layout
     def _plan_parts(self, widths: list[int]) -> int:
@@ -134,7 +135,7 @@ class Stream:
         return 1
 
     def _layout(self) -> None:
-        """Size the workspace, the panels and meta (see _stream_kernels) for this model."""
+        """Size the workspace, the panels and meta (see fastlstm._kernels.stream) for this model."""
         dtype = self.dtype
         itemsize = dtype.itemsize
         batch, hidden, out_size, layers = (
@@ -188,14 +189,14 @@ class Stream:
             meta[rec + R_PEEP] = region(3 * units if peephole == 1 else 0)
             stacked = (1, 4 * hidden, width + out_size)
             if one_row:
-                panels(rec + R_MAIN, _packed.units_shape(stacked, itemsize))
+                panels(rec + R_MAIN, packing.units_shape(stacked, itemsize))
             else:
-                panels(rec + R_MAIN, _packed.columns_shape(stacked, 4, itemsize))
+                panels(rec + R_MAIN, packing.columns_shape(stacked, 4, itemsize))
             if has_proj:
-                panels(rec + R_HR, _packed.columns_shape((1, out_size, hidden), 1, itemsize))
+                panels(rec + R_HR, packing.columns_shape((1, out_size, hidden), 1, itemsize))
             if peephole == 2:
-                panels(rec + R_IFG, _packed.columns_shape((1, 3 * hidden, hidden), 3, itemsize))
-                panels(rec + R_O, _packed.columns_shape((1, hidden, hidden), 1, itemsize))
+                panels(rec + R_IFG, packing.columns_shape((1, 3 * hidden, hidden), 3, itemsize))
+                panels(rec + R_O, packing.columns_shape((1, hidden, hidden), 1, itemsize))
         self._meta = meta
         self._ws = _aligned_zeros(cursor, dtype)
         self._panels = _aligned_zeros(panel_cursor, dtype)
@@ -225,20 +226,20 @@ class Stream:
             width = layer.w_ih.shape[2]
             if meta[M_ONE_ROW]:
                 both = np.concatenate([layer.w_ih, layer.w_hh], axis=2)
-                _packed.pack_units(self._panel_view(rec + R_MAIN, 5), both)
+                packing.pack_units(self._panel_view(rec + R_MAIN, 5), both)
             else:
                 main = self._panel_view(rec + R_MAIN, 4)
-                _packed.pack_columns(main, np.ascontiguousarray(layer.w_ih), 4, 0)
-                _packed.pack_columns(main, np.ascontiguousarray(layer.w_hh), 4, width)
+                packing.pack_columns(main, np.ascontiguousarray(layer.w_ih), 4, 0)
+                packing.pack_columns(main, np.ascontiguousarray(layer.w_hh), 4, width)
             if layer.w_hr is not None:
-                _packed.pack_columns(
+                packing.pack_columns(
                     self._panel_view(rec + R_HR, 4), np.ascontiguousarray(layer.w_hr), 1, 0
                 )
             if peephole == 2:
                 ifg = np.ascontiguousarray(layer.w_ch[:, : 3 * hidden])
                 o = np.ascontiguousarray(layer.w_ch[:, 3 * hidden :])
-                _packed.pack_columns(self._panel_view(rec + R_IFG, 4), ifg, 3, 0)
-                _packed.pack_columns(self._panel_view(rec + R_O, 4), o, 1, 0)
+                packing.pack_columns(self._panel_view(rec + R_IFG, 4), ifg, 3, 0)
+                packing.pack_columns(self._panel_view(rec + R_O, 4), o, 1, 0)
             bias = np.zeros(4 * hidden, self.dtype)
             for part in (layer.b_ih, layer.b_hh, layer.b_ch):
                 if part is not None:
@@ -304,7 +305,7 @@ class Stream:
     def _step_parts(self, out: np.ndarray, x: np.ndarray) -> None:
         """One step with the rows in parts on fastlstm's threads (the caller takes one)."""
         args = (out, x, self._ws, self._panels, self._meta)
-        run_tasks(_stream_kernels.stream_step_rows, [(*args, *part) for part in self._parts])
+        run_tasks(stream_kernels.stream_step_rows, [(*args, *part) for part in self._parts])
 
     def __call__(self, x: Any, out: np.ndarray | None = None) -> np.ndarray:
         """Advance every stream by a chunk of T steps (T >= 0).

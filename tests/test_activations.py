@@ -6,8 +6,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from fastlstm._activations import sigmoid, tanh
 from fastlstm._config import FASTMATH
+from fastlstm._kernels.activations import sigmoid, tanh
 
 
 @numba.njit(fastmath=FASTMATH, error_model="numpy")

@@ -14,8 +14,9 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from utils import assert_close
 
 import fastlstm as fl
-from fastlstm import _engine, _packed
+from fastlstm import _engine
 from fastlstm import reference as ref
+from fastlstm._kernels import tiles
 
 # torch's own notice when it falls back from oneDNN for proj_size > 0: not ours to report.
 pytestmark = pytest.mark.filterwarnings("ignore:LSTM with projections is not supported")
@@ -504,7 +505,7 @@ def compare_serial_and_parallel(rng, kernel_calls, model, batch, lengths, *, ulp
     parallel = run_forward_backward(model, *args)
     # Two directions run as one task each; one direction's batch is split into two row
     # chunks when each has enough rows for a busy register block, else it stays serial.
-    split = model.bidirectional or batch >= 2 * _packed.MIN_CHUNK_ROWS
+    split = model.bidirectional or batch >= 2 * tiles.MIN_CHUNK_ROWS
     tasks_per_call = model.num_layers if split else 0
     assert kernel_calls["layer_forward_parallel"] == tasks_per_call
     assert kernel_calls["layer_backward_parallel"] == tasks_per_call
@@ -883,7 +884,7 @@ def test_hidden_unit_split_equals_row_loop(rng, monkeypatch, restore_threads, dt
     monkeypatch.setattr(_engine, "_forward_units", spy)
     # Two panels and half a vector of units: the split gives the first thread one panel and
     # the second the rest, a part-valid vector included.
-    lanes = _packed.VECTOR_BYTES // np.dtype(dtype).itemsize
+    lanes = tiles.VECTOR_BYTES // np.dtype(dtype).itemsize
     panel = 2 * lanes
     batch, hidden = 7, 2 * panel + lanes // 2
     model = fl.LSTM(I, hidden, 2, peephole=peephole, dtype=dtype, seed=31)

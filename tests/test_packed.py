@@ -7,20 +7,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fastlstm import _packed
+from fastlstm._kernels import packing, products, tiles
 
 DTYPES = [np.float32, np.float64]
 
 
 def lanes(dtype) -> int:
-    return _packed.VECTOR_BYTES // np.dtype(dtype).itemsize
+    return tiles.VECTOR_BYTES // np.dtype(dtype).itemsize
 
 
 def expected_columns(w: np.ndarray, blocks: int) -> np.ndarray:
     directions, total, inner = w.shape
     width = total // blocks
     per_block = -(-width // lanes(w.dtype))
-    out = np.zeros(_packed.columns_shape(w.shape, blocks, w.itemsize), w.dtype)
+    out = np.zeros(packing.columns_shape(w.shape, blocks, w.itemsize), w.dtype)
     for d in range(directions):
         for q in range(blocks * per_block):
             block, col0 = divmod(q, per_block)
@@ -35,7 +35,7 @@ def expected_columns(w: np.ndarray, blocks: int) -> np.ndarray:
 def expected_units(w: np.ndarray) -> np.ndarray:
     directions, gates, _ = w.shape
     hidden = gates // 4
-    out = np.zeros(_packed.units_shape(w.shape, w.itemsize), w.dtype)
+    out = np.zeros(packing.units_shape(w.shape, w.itemsize), w.dtype)
     width = out.shape[4]
     for d in range(directions):
         for g in range(4):
@@ -47,7 +47,7 @@ def expected_units(w: np.ndarray) -> np.ndarray:
 
 
 def expected_rows(w: np.ndarray) -> np.ndarray:
-    out = np.zeros(_packed.rows_shape(w.shape, w.itemsize), w.dtype)
+    out = np.zeros(packing.rows_shape(w.shape, w.itemsize), w.dtype)
     panel_width = out.shape[3]
     for p in range(out.shape[1]):
         valid = min(panel_width, w.shape[2] - p * panel_width)
@@ -56,7 +56,7 @@ def expected_rows(w: np.ndarray) -> np.ndarray:
 
 
 def expected_units_rows(w: np.ndarray) -> np.ndarray:
-    out = np.zeros(_packed.units_rows_shape(w.shape, w.itemsize), w.dtype)
+    out = np.zeros(packing.units_rows_shape(w.shape, w.itemsize), w.dtype)
     width = out.shape[3]
     for chunk in range(out.shape[1]):
         valid = min(width, w.shape[2] - chunk * width)
@@ -90,9 +90,9 @@ SIZES = [
 def test_pack_columns_matches_numpy(dtype, directions, hidden, inner, blocks):
     rng = np.random.default_rng(hidden * 31 + inner)
     w = rng.standard_normal((directions, blocks * hidden, inner)).astype(dtype)
-    shape = _packed.columns_shape(w.shape, blocks, w.itemsize)
+    shape = packing.columns_shape(w.shape, blocks, w.itemsize)
     assert np.array_equal(
-        packed_by(_packed.pack_columns, shape, w, blocks, 0), expected_columns(w, blocks)
+        packed_by(packing.pack_columns, shape, w, blocks, 0), expected_columns(w, blocks)
     )
 
 
@@ -105,10 +105,10 @@ def test_stacked_panels_are_both_matrices_along_k(dtype, hidden, width, out_size
     w_ih = rng.standard_normal((2, 4 * hidden, width)).astype(dtype)
     w_hh = rng.standard_normal((2, 4 * hidden, out_size)).astype(dtype)
     stacked = np.concatenate([w_ih, w_hh], axis=2)
-    shape = _packed.columns_shape(stacked.shape, 4, stacked.itemsize)
+    shape = packing.columns_shape(stacked.shape, 4, stacked.itemsize)
     target = np.full(shape, np.nan, dtype)
-    _packed.pack_columns(target, w_ih, 4, 0)
-    _packed.pack_columns(target, w_hh, 4, width)
+    packing.pack_columns(target, w_ih, 4, 0)
+    packing.pack_columns(target, w_hh, 4, width)
     assert np.array_equal(target, expected_columns(stacked, 4))
 
 
@@ -117,8 +117,8 @@ def test_stacked_panels_are_both_matrices_along_k(dtype, hidden, width, out_size
 def test_pack_units_matches_numpy(dtype, directions, hidden, inner):
     rng = np.random.default_rng(hidden * 7 + inner)
     w = rng.standard_normal((directions, 4 * hidden, inner)).astype(dtype)
-    shape = _packed.units_shape(w.shape, w.itemsize)
-    assert np.array_equal(packed_by(_packed.pack_units, shape, w), expected_units(w))
+    shape = packing.units_shape(w.shape, w.itemsize)
+    assert np.array_equal(packed_by(packing.pack_units, shape, w), expected_units(w))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -126,14 +126,14 @@ def test_pack_units_matches_numpy(dtype, directions, hidden, inner):
 def test_pack_rows_match_numpy(dtype, directions, hidden, inner):
     rng = np.random.default_rng(hidden * 5 + inner)
     w = rng.standard_normal((directions, 4 * hidden, inner)).astype(dtype)
-    rows = packed_by(_packed.pack_rows, _packed.rows_shape(w.shape, w.itemsize), w)
+    rows = packed_by(packing.pack_rows, packing.rows_shape(w.shape, w.itemsize), w)
     assert np.array_equal(rows, expected_rows(w))
-    shape = _packed.units_rows_shape(w.shape, w.itemsize)
-    assert np.array_equal(packed_by(_packed.pack_units_rows, shape, w), expected_units_rows(w))
+    shape = packing.units_rows_shape(w.shape, w.itemsize)
+    assert np.array_equal(packed_by(packing.pack_units_rows, shape, w), expected_units_rows(w))
 
 
 def chunk_width(dtype) -> int:
-    return _packed.units_shape((1, 4, 1), np.dtype(dtype).itemsize)[4]
+    return packing.units_shape((1, 4, 1), np.dtype(dtype).itemsize)[4]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -143,8 +143,8 @@ def test_pack_unit_chunks_writes_only_its_direction_and_chunks(dtype):
     rng = np.random.default_rng(3)
     hidden = 2 * chunk_width(dtype) + 3
     w = rng.standard_normal((2, 4 * hidden, 9)).astype(dtype)
-    target = np.full(_packed.units_shape(w.shape, w.itemsize), np.nan, dtype)
-    _packed.pack_unit_chunks(target, w, 1, 1, 3)
+    target = np.full(packing.units_shape(w.shape, w.itemsize), np.nan, dtype)
+    packing.pack_unit_chunks(target, w, 1, 1, 3)
     expected = expected_units(w)
     assert np.array_equal(target[1, :, 1:3], expected[1, :, 1:3])
     assert np.isnan(target[0]).all() and np.isnan(target[1, :, 0]).all()
@@ -160,11 +160,11 @@ def test_project_unit_chunks_adds_the_input_projection_of_its_units(dtype, steps
     hidden, inner = width + 5, 21
     w = rng.standard_normal((2, 4 * hidden, inner)).astype(dtype)
     x = rng.standard_normal((steps, inner)).astype(dtype)
-    packed = np.empty(_packed.units_shape(w.shape, w.itemsize), dtype)
-    _packed.pack_units(packed, w)
+    packed = np.empty(packing.units_shape(w.shape, w.itemsize), dtype)
+    packing.pack_units(packed, w)
     before = rng.standard_normal((2, 4, steps, hidden)).astype(dtype)
     xp = before.copy()
-    _packed.project_unit_chunks(xp, x, packed, 1, 1, 2)
+    products.project_unit_chunks(xp, x, packed, 1, 1, 2)
     units = slice(width, hidden)
     for g in range(4):
         rows = w[1, g * hidden + width : (g + 1) * hidden]

@@ -14,7 +14,7 @@ from numba.core.runtime import _nrt_python, rtsys
 from utils import assert_close
 
 import fastlstm as fl
-from fastlstm._stream_kernels import M_ONE_ROW
+from fastlstm._kernels.stream import M_ONE_ROW
 
 I, H, P = 5, 7, 3  # noqa: E741
 dtypes = pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])

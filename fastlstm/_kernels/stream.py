@@ -26,7 +26,7 @@ the bias again, ready for the next step's product to add into: no bias pass per 
 peephole layers copy the bias in first, as the fused forward loop does, and so does every
 layer of a stream whose rows are stepped in parts on two threads (M_COPY_BIAS: a part's
 gate pass must not write another part's rows). With B > 1 the product, the bias and the
-gate passes are those of the fused forward loop of :mod:`fastlstm._kernels`, in the same
+gate passes are those of the fused forward loop of :mod:`fastlstm._kernels.forward`, in the same
 order, so a stream gives that loop's numbers (and each row's sums are the same whatever
 rows share its register block, so parts change nothing either).
 
@@ -38,14 +38,14 @@ row and step strides (a batch-first chunk needs no transpose).
 from __future__ import annotations
 
 from fastlstm._config import jit
-from fastlstm._kernels import (
-    _gates_forward,
-    _gates_forward_diagonal,
-    _gates_forward_ifg,
-    _gates_forward_o,
-    _gates_forward_reset,
+from fastlstm._kernels.gates import (
+    gates_forward,
+    gates_forward_diagonal,
+    gates_forward_ifg,
+    gates_forward_o,
+    gates_forward_reset,
 )
-from fastlstm._packed import product_abt, product_one_row
+from fastlstm._kernels.products import product_abt, product_one_row
 
 # meta[0:_HEADER]: the stream's sizes and the offsets of the regions every layer shares.
 (
@@ -172,20 +172,20 @@ def _advance(out, o_base, o_row, x, x_base, x_row, ws, panels, meta, b0, b1):
         if peephole == 2:
             product_abt(xp, lo, units, hidden, hidden, count, c, 0,
                         _panels4(panels, meta, rec + R_IFG), 0, 3)  # fmt: skip
-            _gates_forward_ifg(ai, af, ag, c, c_new)
+            gates_forward_ifg(ai, af, ag, c, c_new)
             product_abt(xp, 3 * units + lo, 0, hidden, hidden, count, c_new, 0,
                         _panels4(panels, meta, rec + R_O), 0, 1)  # fmt: skip
-            _gates_forward_o(ao, c_new, m)
+            gates_forward_o(ao, c_new, m)
         elif peephole == 1:
             p_at = meta[rec + R_PEEP]
             p_i = ws[p_at + lo : p_at + hi]
             p_f = ws[p_at + units + lo : p_at + units + hi]
             p_o = ws[p_at + 2 * units + lo : p_at + 2 * units + hi]
-            _gates_forward_diagonal(ai, af, ag, ao, c, c_new, m, p_i, p_f, p_o)
+            gates_forward_diagonal(ai, af, ag, ao, c, c_new, m, p_i, p_f, p_o)
         elif write_back:
-            _gates_forward_reset(ai, af, ag, ao, c, c_new, m, bias.reshape((4, units)))
+            gates_forward_reset(ai, af, ag, ao, c, c_new, m, bias.reshape((4, units)))
         else:
-            _gates_forward(ai, af, ag, ao, c, c_new, m)
+            gates_forward(ai, af, ag, ao, c, c_new, m)
         for j in range(hi - lo):
             c[j] = c_new[j]
         if has_proj:

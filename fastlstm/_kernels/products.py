@@ -1,0 +1,205 @@
+"""Products over packed weights: the register tile run over every panel and row block.
+
+- :func:`product_abt`: C += A W^T, output in the time loops' gate-major layout (or a
+  plain row-major array), W from :func:`fastlstm._kernels.packing.pack_columns`;
+- :func:`product_ab`: C += A W with W from ``pack_rows`` (the backward loop);
+- :func:`product_one_row`, :func:`product_one_row_back`: a batch of one row, a chunk of
+  ROW_VECTORS vectors at a time (independent accumulator chains);
+- :func:`project_unit_chunks`: a one-row batch's input projection over every step, for
+  a thread's own hidden units.
+
+The public helpers flatten their arrays and pass integers as np.intp, so that each
+compiled product (``_product_*``) has one signature per dtype.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fastlstm._config import jit
+from fastlstm._kernels.tiles import lanes_of, row_blocks, row_tile, tile
+
+
+@jit(inline=True)
+def product_abt(c, c_base, c_block_stride, ldc, width, rows, a, a_base, packed, d, blocks):
+    """C += A W_d^T; see :func:`_product_abt`."""
+    _product_abt(
+        c.reshape(c.size), np.intp(c_base), np.intp(c_block_stride), np.intp(ldc),
+        np.intp(width), np.intp(rows), a.reshape(a.size), np.intp(a_base), packed, np.intp(d),
+        np.intp(blocks),
+    )  # fmt: skip
+
+
+@jit
+def _product_abt(flat, c_base, c_block_stride, ldc, width, rows, a_flat, a_base, packed, d, blocks):
+    """C += A W_d^T with W packed by :func:`pack_columns` (``blocks`` blocks of ``width``).
+
+    A's row r is a_flat[a_base + r K : a_base + (r + 1) K] (K = the panels' depth).
+    Output block g's row r, column u is flat[c_base + g c_block_stride + r ldc + u]: the
+    gate-major layout of the time loops (blocks are gates) or a plain row-major array (one
+    block). Vectors past a block's end are masked in the tile: nothing else is touched.
+    """
+    inner = packed.shape[2]
+    lanes = lanes_of(a_flat)
+    panel_width = 2 * lanes
+    per_block = (width + lanes - 1) // lanes
+    b_flat = packed.reshape(packed.size)
+    count_vectors = blocks * per_block
+    panels = packed.shape[1]
+    count, base, extra = row_blocks(rows)
+    for p in range(panels):
+        q0 = 2 * p
+        block0 = q0 // per_block
+        col0 = (q0 - block0 * per_block) * lanes
+        off0 = c_base + block0 * c_block_stride + col0
+        valid0 = min(lanes, width - col0)
+        off1 = off0
+        valid1 = 0  # an odd count's last panel has one vector
+        if q0 + 1 < count_vectors:
+            block1 = (q0 + 1) // per_block
+            col1 = (q0 + 1 - block1 * per_block) * lanes
+            off1 = c_base + block1 * c_block_stride + col1
+            valid1 = min(lanes, width - col1)
+        b_off = (d * panels + p) * inner * panel_width
+        ahead = b_off + inner * panel_width if p + 1 < panels else b_off
+        for i in range(count):
+            r0 = i * base + min(i, extra)
+            block = base + (1 if i < extra else 0)
+            shift = r0 * ldc
+            tile(flat, off0 + shift, off1 + shift, ldc, a_flat, a_base + r0 * inner, inner,
+                 b_flat, b_off, panel_width, inner, block, valid0, valid1, ahead)  # fmt: skip
+
+
+@jit(inline=True)
+def product_ab(c, rows, a, a_base, a_block_stride, lda, kc, packed, d, k_first, blocks):
+    """C += sum over blocks of A_g W_d[...]; see :func:`_product_ab`."""
+    _product_ab(
+        c.reshape(c.size), np.intp(c.shape[1]), np.intp(rows), a.reshape(a.size),
+        np.intp(a_base), np.intp(a_block_stride), np.intp(lda), np.intp(kc), packed,
+        np.intp(d), np.intp(k_first), np.intp(blocks),
+    )  # fmt: skip
+
+
+@jit
+def _product_ab(c_flat, width, rows, a_flat, a_base, a_block_stride, lda, kc, packed, d, k_first,
+                blocks):  # fmt: skip
+    """C += sum over blocks g of A_g W_d[k_first + g kc : ..., :] with W packed by
+    :func:`pack_rows`.
+
+    C (rows, width) C-contiguous, flat. A_g's row r, column u is a_flat[a_base + g
+    a_block_stride + r lda + u] (u < kc): the gate-major dL/da of the time loops, block by
+    block. Columns past C's width are masked in the tile.
+    """
+    lanes = lanes_of(c_flat)
+    panel_width = 2 * lanes
+    panels = packed.shape[1]
+    inner = packed.shape[2]
+    count, base, extra = row_blocks(rows)
+    b_flat = packed.reshape(packed.size)
+    for p in range(panels):
+        col0 = 2 * p * lanes
+        valid0 = min(lanes, width - col0)
+        valid1 = max(0, min(lanes, width - col0 - lanes))
+        panel = (d * panels + p) * inner * panel_width
+        following = panel + inner * panel_width if p + 1 < panels else panel
+        for g in range(blocks):
+            a_off = a_base + g * a_block_stride
+            b_off = panel + (k_first + g * kc) * panel_width
+            ahead = following + (k_first + g * kc) * panel_width
+            for i in range(count):
+                r0 = i * base + min(i, extra)
+                block = base + (1 if i < extra else 0)
+                c_off = r0 * width + col0
+                tile(c_flat, c_off, c_off + lanes, width, a_flat, a_off + r0 * lda, lda,
+                     b_flat, b_off, panel_width, kc, block, valid0, valid1, ahead)  # fmt: skip
+
+
+@jit
+def project_unit_chunks(xp, x, packed, d, first, end):
+    """xp[d, g, t, u] += x[t] W[d, g H + u]^T for every step t and gate g, for the hidden
+    units u of chunks first..end-1; x (T, K), xp (D, 4, T, H), W packed by
+    :func:`pack_units` (the input projection of a batch of one row, a thread's own units).
+
+    The register tile runs over the chunk's vectors two at a time (a panel whose rows are
+    ``width`` apart), each over every block of steps while it is in the cache. Each
+    element's sum runs over k in order, as in every product here.
+    """
+    steps, inner = x.shape
+    hidden = xp.shape[3]
+    chunks = packed.shape[2]
+    width = packed.shape[4]
+    lanes = lanes_of(x)
+    vectors = width // lanes
+    gate_stride = steps * hidden
+    flat = xp.reshape(xp.size)
+    a_flat = x.reshape(x.size)
+    b_flat = packed.reshape(packed.size)
+    count, base, extra = row_blocks(steps)
+    for g in range(4):
+        for chunk in range(first, end):
+            b_chunk = ((d * 4 + g) * chunks + chunk) * inner * width
+            for v in range(0, vectors, 2):
+                col0 = chunk * width + v * lanes
+                valid0 = min(lanes, hidden - col0)
+                if valid0 <= 0:
+                    break
+                valid1 = max(0, min(lanes, hidden - col0 - lanes)) if v + 1 < vectors else 0
+                off0 = (d * 4 + g) * gate_stride + col0
+                b_off = b_chunk + v * lanes
+                ahead = b_off + 2 * lanes if v + 2 < vectors else b_off
+                for i in range(count):
+                    r0 = i * base + min(i, extra)
+                    block = base + (1 if i < extra else 0)
+                    shift = r0 * hidden
+                    tile(
+                        flat, off0 + shift, off0 + lanes + shift, hidden, a_flat, r0 * inner,
+                        inner, b_flat, b_off, width, inner, block, valid0, valid1, ahead,
+                    )  # fmt: skip
+
+
+@jit(inline=True)
+def product_one_row(xp, base, gate_stride, hidden, h, packed, d, first, end):
+    """xp.flat[base + g gate_stride + u] += sum_k h[k] W_hh[d, g H + u, k] for the hidden
+    units u of chunks first..end-1 and every gate g; h (P,), packed from :func:`pack_units`.
+    Flattens and passes on, as :func:`product_abt`."""
+    _product_one_row(
+        xp.reshape(xp.size), np.intp(base), np.intp(gate_stride), np.intp(hidden), h, packed,
+        np.intp(d), np.intp(first), np.intp(end),
+    )  # fmt: skip
+
+
+@jit
+def _product_one_row(flat, base, gate_stride, hidden, h, packed, d, first, end):
+    """:func:`product_one_row` on the flat gate array."""
+    inner = h.shape[0]
+    width = packed.shape[4]
+    chunks = packed.shape[2]
+    b_flat = packed.reshape(packed.size)
+    for g in range(4):
+        for chunk in range(first, end):
+            off = base + g * gate_stride + chunk * width
+            b_off = ((d * 4 + g) * chunks + chunk) * inner * width
+            valid = min(width, hidden - chunk * width)  # a part-valid chunk is masked
+            row_tile(flat, off, 0, h, 0, 0, b_flat, b_off, width, inner, valid)
+
+
+@jit(inline=True)
+def product_one_row_back(dh, xp, base, gate_stride, hidden, packed, d, first, end, scratch):
+    """dh[q] = sum_g sum_u xp.flat[base + g gate_stride + u] W_hh[d, g H + u, q] for the
+    columns q of chunks first..end-1 (overwritten); packed from :func:`pack_units_rows`,
+    scratch (one chunk,)."""
+    width = packed.shape[3]
+    chunks = packed.shape[1]
+    gates = packed.shape[2]
+    inner = dh.shape[0]
+    flat = xp.reshape(xp.size)
+    b_flat = packed.reshape(packed.size)
+    for chunk in range(first, end):
+        col0 = chunk * width
+        scratch[:] = 0
+        for g in range(4):
+            b_off = ((d * chunks + chunk) * gates + g * hidden) * width
+            a_off = base + g * gate_stride
+            row_tile(scratch, 0, 0, flat, a_off, 0, b_flat, b_off, width, hidden, width)
+        for j in range(min(width, inner - col0)):
+            dh[col0 + j] = scratch[j]

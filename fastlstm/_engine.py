@@ -296,7 +296,7 @@ def _plan(steps: int, batch: int, directions: int, gates: int, out_size: int):
     synchronisation (one fork/join per layer call, as ONNX Runtime splits its batch).
     Each direction's batch is split into as many row chunks as there are threads per
     direction, keeping enough rows per chunk for a register block that keeps the FMA
-    units busy (:data:`fastlstm.tiles.MIN_CHUNK_ROWS`; a batch of one row
+    units busy (:data:`fastlstm._kernels.tiles.MIN_CHUNK_ROWS`; a batch of one row
     takes :func:`one_row_plan` unless it has a projection or full peepholes: then one
     task, its products through the register tile one row at a time). The loops call no
     BLAS.

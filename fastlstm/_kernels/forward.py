@@ -310,8 +310,8 @@ def layer_forward_units(
 def one_row_inputs(xp, inputs, w_ih, bias, packed_ih, w_hh, packed, d, first, end):
     """What a thread of :func:`layer_forward_one_row` does before its loop, for its hidden
     chunks first..end-1 of direction d: pack its part of W_ih (into ``packed_ih``) and of
-    W_hh (into ``packed``; both :func:`fastlstm._kernels.packing.units_shape`), and fill xp[d, g, t]
-    for its units with bias + x_t W_ih^T for every step. inputs (T, I).
+    W_hh (into ``packed``; both shaped by :func:`fastlstm._kernels.packing.units_shape`),
+    and fill xp[d, g, t] for its units with bias + x_t W_ih^T for every step. inputs (T, I).
 
     Each thread packs and projects its own units only, in the same task as its loop: no
     fork of its own, half the weights per core, and they land in the cache of the core

@@ -22,7 +22,8 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
-from utils import DifferenceLog
+from test_lstm_forward import random_state
+from utils import DifferenceLog, random_input
 
 import fastlstm as fl
 
@@ -44,17 +45,6 @@ def _model(input_size=3, hidden=4, *, seed=0, dtype=np.float32, **options):
         if name.startswith("peephole"):  # large enough that a wrong row order shows
             value[...] = rng.uniform(-1, 1, value.shape)
     return lstm
-
-
-def _x(rng, lstm, steps, batch, dtype=np.float32):
-    shape = (batch, steps, lstm.input_size) if lstm.batch_first else (steps, batch, lstm.input_size)
-    return rng.standard_normal(shape).astype(dtype)
-
-
-def _state(rng, lstm, batch, dtype=np.float32):
-    count = lstm.num_layers * (2 if lstm.bidirectional else 1)
-    h0 = rng.standard_normal((count, batch, lstm.hidden_size)).astype(dtype)
-    return h0, rng.standard_normal(h0.shape).astype(dtype)
 
 
 def _session(model):
@@ -94,8 +84,8 @@ def test_to_onnx_runs_in_onnx_runtime_with_fastlstms_numbers(rng, options):
     session = _session(model)
     # Batch and time axes are dynamic: one session, two shapes.
     for steps, batch, lengths in ((6, 3, [6, 2, 4]), (2, 1, [1])):
-        x = _x(rng, lstm, steps, batch)
-        state = _state(rng, lstm, batch)
+        x = random_input(rng, lstm, steps, batch)
+        state = random_state(rng, lstm, batch)
         lens = np.array(lengths, dtype=np.int64)
         out, h_n, c_n = session.run(None, {"x": x, "h0": state[0], "c0": state[1], "lengths": lens})
         want_out, (want_h, want_c) = lstm(x, state, lens)
@@ -108,7 +98,7 @@ def test_to_onnx_default_inputs_are_x_only_and_zero_state(rng):
     lstm = _model(num_layers=2, bidirectional=True)
     model = lstm.to_onnx()
     assert [i.name for i in model.graph.input] == ["x"]
-    x = _x(rng, lstm, 5, 2)
+    x = random_input(rng, lstm, 5, 2)
     out, h_n, c_n = _session(model).run(None, {"x": x})
     want_out, (want_h, want_c) = lstm(x)
     _close(out, want_out, "ONNX Runtime (to_onnx)", what="out")
@@ -120,8 +110,8 @@ def test_to_onnx_default_inputs_are_x_only_and_zero_state(rng):
 @pytest.mark.parametrize("options", list(CONFIGS.values()), ids=list(CONFIGS))
 def test_to_onnx_matches_onnx_reference_evaluator(rng, options, dtype):
     lstm = _model(dtype=dtype, **options)
-    x = _x(rng, lstm, 5, 2, dtype)
-    state = _state(rng, lstm, 2, dtype)
+    x = random_input(rng, lstm, 5, 2, dtype)
+    state = random_state(rng, lstm, 2, dtype)
     got = ReferenceEvaluator(lstm.to_onnx(state=True)).run(
         None, {"x": x, "h0": state[0], "c0": state[1]}
     )

@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from utils import assert_close
+from test_lstm_forward import random_state
+from utils import assert_close, random_input
 
 import fastlstm as fl
 from fastlstm import peers
@@ -26,18 +27,6 @@ def _model(input_size=5, hidden=7, *, dtype=np.float32, seed=0, peephole_scale=N
             if name.startswith("peephole"):
                 value[...] = rng.uniform(-peephole_scale, peephole_scale, value.shape)
     return lstm
-
-
-def _inputs(rng, lstm, steps, batch, dtype=np.float32):
-    shape = (batch, steps, lstm.input_size) if lstm.batch_first else (steps, batch, lstm.input_size)
-    return rng.standard_normal(shape).astype(dtype)
-
-
-def _state(rng, lstm, batch, dtype=np.float32):
-    count = lstm.num_layers * (2 if lstm.bidirectional else 1)
-    h0 = rng.standard_normal((count, batch, lstm.proj_size or lstm.hidden_size)).astype(dtype)
-    c0 = rng.standard_normal((count, batch, lstm.hidden_size)).astype(dtype)
-    return h0, c0
 
 
 def _assert_same(lstm, runner, x, state=None, lengths=None, dtype=np.float32):
@@ -97,15 +86,15 @@ def test_onnx_model_is_a_valid_opset_14_graph():
 @pytest.mark.parametrize("peephole", [None, "diagonal"], ids=["standard", "diagonal"])
 def test_ort_forward(rng, bidirectional, peephole):
     lstm = _model(bidirectional=bidirectional, peephole=peephole, peephole_scale=1.0)
-    _assert_same(lstm, peers.OrtRunner(lstm), _inputs(rng, lstm, 9, 4))
+    _assert_same(lstm, peers.OrtRunner(lstm), random_input(rng, lstm, 9, 4))
 
 
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
 @pytest.mark.parametrize("peephole", [None, "diagonal"], ids=["standard", "diagonal"])
 def test_ort_forward_with_initial_state(rng, bidirectional, peephole):
     lstm = _model(bidirectional=bidirectional, peephole=peephole, peephole_scale=1.0)
-    x = _inputs(rng, lstm, 6, 3)
-    _assert_same(lstm, peers.OrtRunner(lstm), x, _state(rng, lstm, 3))
+    x = random_input(rng, lstm, 6, 3)
+    _assert_same(lstm, peers.OrtRunner(lstm), x, random_state(rng, lstm, 3))
 
 
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
@@ -114,9 +103,9 @@ def test_ort_sequence_lens_match_packed_semantics(rng, bidirectional, peephole):
     """ORT's sequence_lens = torch's packed sequences: the reverse direction starts at each
     sequence's own last step, outputs past it are zero, h_n/c_n are taken there."""
     lstm = _model(bidirectional=bidirectional, peephole=peephole, peephole_scale=1.0)
-    x = _inputs(rng, lstm, 8, 5)
+    x = random_input(rng, lstm, 8, 5)
     lengths = np.array([8, 3, 5, 1, 7])
-    state = _state(rng, lstm, 5)
+    state = random_state(rng, lstm, 5)
     runner = peers.OrtRunner(lstm)
     out = _assert_same(lstm, runner, x, state, lengths)
     valid = np.arange(8)[:, None] < lengths[None, :]
@@ -134,9 +123,9 @@ def test_ort_zero_length_sequence(rng):
     other sequence unaffected. The final state differs: fastlstm returns h0/c0 (nothing ran,
     DESIGN.md), ONNX Runtime returns zeros, whatever the initial state."""
     lstm = _model(bidirectional=True, peephole="diagonal", peephole_scale=1.0)
-    x = _inputs(rng, lstm, 6, 3)
+    x = random_input(rng, lstm, 6, 3)
     lengths = np.array([6, 0, 2])
-    state = _state(rng, lstm, 3)
+    state = random_state(rng, lstm, 3)
     out, (h_n, c_n) = lstm(x, state, lengths)
     out_p, (h_p, c_p) = peers.OrtRunner(lstm).forward(x, state, lengths)
     assert_close(out_p, out, what="out")
@@ -160,8 +149,8 @@ def test_ort_diagonal_peephole_rows_are_i_f_o_and_o_sees_the_new_cell(rng):
         peep = lstm.params["peephole_l0"]
         peep[...] = 0
         peep[row] = np.linspace(-3, 3, 6)
-        x = _inputs(rng, lstm, 7, 4) if x is None else x
-        state = _state(rng, lstm, 4)
+        x = random_input(rng, lstm, 7, 4) if x is None else x
+        state = random_state(rng, lstm, 4)
         out = _assert_same(lstm, peers.OrtRunner(lstm), x, state)
         # The row matters: dropping it changes the output far beyond the tolerance.
         peep[row] = 0
@@ -172,8 +161,8 @@ def test_ort_diagonal_peephole_rows_are_i_f_o_and_o_sees_the_new_cell(rng):
 def test_ort_diagonal_peephole_single_step_by_hand(rng):
     """One step from a non-zero cell, written out with ONNX's equations, against both."""
     lstm = _model(input_size=3, hidden=4, peephole="diagonal", peephole_scale=2.0)
-    x = _inputs(rng, lstm, 1, 2)
-    h0, c0 = _state(rng, lstm, 2)
+    x = random_input(rng, lstm, 1, 2)
+    h0, c0 = random_state(rng, lstm, 2)
     p = {k: v.astype(np.float64) for k, v in lstm.params.items()}
     a = x[0] @ p["weight_ih_l0"].T + p["bias_ih_l0"] + h0[0] @ p["weight_hh_l0"].T + p["bias_hh_l0"]
     a_i, a_f, a_g, a_o = np.split(a, 4, axis=1)
@@ -207,16 +196,16 @@ def test_ort_forward_configurations(rng, options):
     lstm = _model(peephole_scale=1.0, **options)
     runner = peers.OrtRunner(lstm)
     for steps, batch in ((1, 1), (5, 3)):
-        x = _inputs(rng, lstm, steps, batch)
-        _assert_same(lstm, runner, x, _state(rng, lstm, batch), np.arange(batch) % steps + 1)
+        x = random_input(rng, lstm, steps, batch)
+        _assert_same(lstm, runner, x, random_state(rng, lstm, batch), np.arange(batch) % steps + 1)
 
 
 def test_ort_float64_matches_or_is_reported_unsupported(rng):
     lstm = _model(dtype=np.float64, peephole="diagonal", peephole_scale=1.0, bidirectional=True)
     if peers.ort_supports_float64():
-        x = _inputs(rng, lstm, 6, 3, np.float64)
+        x = random_input(rng, lstm, 6, 3, np.float64)
         _assert_same(
-            lstm, peers.OrtRunner(lstm), x, _state(rng, lstm, 3, np.float64), dtype=np.float64
+            lstm, peers.OrtRunner(lstm), x, random_state(rng, lstm, 3, np.float64), dtype=np.float64
         )
     else:
         assert "float32 only" in peers.unsupported("onnxruntime", lstm)
@@ -225,7 +214,7 @@ def test_ort_float64_matches_or_is_reported_unsupported(rng):
 def test_ort_runner_takes_a_snapshot_of_the_weights(rng):
     lstm = _model()
     runner = peers.OrtRunner(lstm, threads=1)
-    x = _inputs(rng, lstm, 4, 2)
+    x = random_input(rng, lstm, 4, 2)
     before, _ = runner.forward(x)
     lstm.params["weight_hh_l0"][...] = 0
     after, _ = runner.forward(x)
@@ -245,9 +234,9 @@ def test_ort_runner_takes_a_snapshot_of_the_weights(rng):
 def test_torch_forward(rng, dtype, options):
     lstm = _model(dtype=dtype, **options)
     runner = peers.TorchRunner(lstm)
-    x = _inputs(rng, lstm, 7, 4, dtype)
+    x = random_input(rng, lstm, 7, 4, dtype)
     _assert_same(lstm, runner, x, dtype=dtype)
-    _assert_same(lstm, runner, x, _state(rng, lstm, 4, dtype), np.array([7, 2, 5, 1]), dtype)
+    _assert_same(lstm, runner, x, random_state(rng, lstm, 4, dtype), np.array([7, 2, 5, 1]), dtype)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
@@ -255,7 +244,7 @@ def test_torch_train_step_gives_fastlstm_gradients(rng, dtype):
     lstm = _model(dtype=dtype, bidirectional=True, proj_size=3)
     lstm.train()
     runner = peers.TorchRunner(lstm)
-    x = _inputs(rng, lstm, 6, 3, dtype)
+    x = random_input(rng, lstm, 6, 3, dtype)
     out, _ = lstm(x)
     dout = rng.standard_normal(out.shape).astype(dtype)
     lstm.zero_grad()
@@ -288,7 +277,7 @@ def test_torch_runner_is_built_lazily():
 def test_reference_calls_run_every_variant(rng):
     for peephole in (None, "diagonal", "full"):
         lstm = _model(peephole=peephole, proj_size=3, batch_first=True)
-        x = _inputs(rng, lstm, 4, 2)
+        x = random_input(rng, lstm, 4, 2)
         out, _ = lstm(x)
         peers.reference_forward_fn(lstm, x)()
         peers.reference_train_step_fn(lstm, x, np.ones_like(out))()

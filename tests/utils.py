@@ -11,6 +11,12 @@ TOLERANCES = {
 }
 
 
+def random_input(rng, lstm, steps: int, batch: int, dtype=np.float32) -> np.ndarray:
+    """N(0, 1) input in the model's layout: (B, T, I) with ``batch_first``, else (T, B, I)."""
+    shape = (batch, steps, lstm.input_size) if lstm.batch_first else (steps, batch, lstm.input_size)
+    return rng.standard_normal(shape).astype(dtype)
+
+
 def to_numpy(value) -> np.ndarray:
     if hasattr(value, "detach"):
         value = value.detach().cpu().numpy()

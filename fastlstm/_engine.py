@@ -154,12 +154,6 @@ def pack_stacked(w_ih: np.ndarray, w_hh: np.ndarray) -> np.ndarray:
     return packed
 
 
-def _pack_units(w: np.ndarray) -> np.ndarray:
-    packed = _take(packing.units_shape(w.shape, w.itemsize), w.dtype)
-    packing.pack_units(packed, w)
-    return packed
-
-
 def _pack_units_rows(w: np.ndarray) -> np.ndarray:
     packed = _take(packing.units_rows_shape(w.shape, w.itemsize), w.dtype)
     packing.pack_units_rows(packed, w)

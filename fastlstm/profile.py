@@ -163,7 +163,9 @@ def _one_row_tasks(lstm: fl.LSTM, shape: Shape, plan: list, rng) -> list[list[tu
     for layer in lstm._layers:
         tasks = []
         for d, first, end in plan:
-            packed = _engine._pack_units(np.ascontiguousarray(layer.w_hh[d : d + 1]))
+            w_hh = np.ascontiguousarray(layer.w_hh[d : d + 1])
+            packed = np.empty(packing.units_shape(w_hh.shape, dtype.itemsize), dtype)
+            packing.pack_units(packed, w_hh)
             h = (0.5 * rng.standard_normal(layer.w_hh.shape[2])).astype(dtype)
             xp = np.zeros((1, 4, 1, lstm.hidden_size), dtype)
             tasks.append((xp, h, packed, first, end, shape.seq))

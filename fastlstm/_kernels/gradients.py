@@ -11,7 +11,6 @@ import numpy as np
 
 from fastlstm._config import MERGED_GRADIENT_MIN_ROWS, SMALL_ROW_MACS, jit
 from fastlstm._kernels.blas import gemm_ab, gemm_atb
-from fastlstm._kernels.packing import copy_rows
 from fastlstm._kernels.tiles import ROWS, lanes_of, tile
 
 
@@ -55,8 +54,8 @@ def _dense_gradients_small(dx, gw_ih, gw_hh, gbias, xp, xh, w_ih, d):
 
     dL/da is gathered row-major (rows, 4H, padded to whole panels). Then
     [x | h_{t-1} | 1]^T (I + P + 1, rows) times it gives dW_ih^T, dW_hh^T and the bias
-    gradient in one (I + P + 1, 4H) block, and dL/da times W_ih gives dx (both padded to
-    whole panels with zeros, then the valid part added into the gradients).
+    gradient in one (I + P + 1, 4H) block (padded to whole panels with zeros, then the
+    valid part added into the gradients); W_ih^T times dL/da^T gives dx^T.
     """
     rows, width = dx.shape
     hidden = w_ih.shape[1] // 4
@@ -65,18 +64,17 @@ def _dense_gradients_small(dx, gw_ih, gw_hh, gbias, xp, xh, w_ih, d):
     lanes = lanes_of(dx)
     panel = 2 * lanes
     gates_pad = (gates + panel - 1) // panel * panel
-    width_pad = (width + panel - 1) // panel * panel
     operands = width + out_size + 1
     da = np.empty((rows, gates_pad), dtype=xp.dtype)
     at = np.empty((operands, rows), dtype=xp.dtype)
     xh_d = xh[d]
-    da_flat = da.reshape(da.size)
-    xp_flat = xp.reshape(xp.size)
-    for g in range(4):  # each gate's block (rows, H) into its columns, vector by vector
-        source = (d * 4 + g) * rows * hidden
-        copy_rows(
-            da_flat, g * hidden, gates_pad, xp_flat, source, hidden, rows, hidden, hidden, lanes
-        )
+    # Each gate's block (rows, H) into its columns, read through its own view: loops over
+    # offsets into one flat array ran 8 times slower (38 against 5 us at the seed shape).
+    for g in range(4):
+        block = xp[d, g].reshape(rows * hidden)
+        for row in range(rows):
+            for j in range(hidden):
+                da[row, g * hidden + j] = block[row * hidden + j]
     for row in range(rows):
         for col in range(gates, gates_pad):
             da[row, col] = 0
@@ -91,16 +89,28 @@ def _dense_gradients_small(dx, gw_ih, gw_hh, gbias, xp, xh, w_ih, d):
         for q in range(out_size):
             gw_hh[d, col, q] += sums[width + q, col]
         gbias[d, col] += sums[operands - 1, col]
-    # dx = dL/da W_ih (direction 0 writes, direction 1 adds), into whole panels first
-    w_pad = np.zeros((gates_pad, width_pad), dtype=xp.dtype)
-    for col in range(gates):
-        for i in range(width):
-            w_pad[col, i] = w_ih[d, col, i]
-    dx_pad = np.zeros((rows, width_pad), dtype=xp.dtype)
-    _product_whole_panels(dx_pad, da, w_pad)  # (zero padding adds exact zeros)
+    # dx^T = W_ih^T dL/da^T (direction 0 writes dx, direction 1 adds): the rows run along
+    # the panels, all lanes used whatever I is (dL/da W_ih padded I to a whole panel: 32
+    # columns for I = 5 at the seed shape, 22 against 4 us). The tile's loads read whole
+    # panels, so dL/da^T's rows are padded to them with zeros.
+    rows_pad = (rows + panel - 1) // panel * panel
+    da_t = np.empty((gates, rows_pad), dtype=xp.dtype)
+    for g in range(4):
+        block = xp[d, g].reshape(rows * hidden)
+        for j in range(hidden):
+            for row in range(rows):
+                da_t[g * hidden + j, row] = block[row * hidden + j]
+            for row in range(rows, rows_pad):
+                da_t[g * hidden + j, row] = 0
+    w_t = np.empty((width, gates), dtype=xp.dtype)
+    for i in range(width):
+        for col in range(gates):
+            w_t[i, col] = w_ih[d, col, i]
+    dx_t = np.zeros((width, rows_pad), dtype=xp.dtype)
+    _product_whole_panels(dx_t, w_t, da_t)
     for row in range(rows):
         for i in range(width):
-            dx[row, i] = dx_pad[row, i] if d == 0 else dx[row, i] + dx_pad[row, i]
+            dx[row, i] = dx_t[i, row] if d == 0 else dx[row, i] + dx_t[i, row]
 
 
 @jit

@@ -174,3 +174,27 @@ def test_project_unit_chunks_adds_the_input_projection_of_its_units(dtype, steps
     untouched = np.ones(xp.shape, bool)
     untouched[1, :, :, units] = False
     assert np.array_equal(xp[untouched], before[untouched])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("vectors", [0.5, 1, 1.5, 2, 3.25])
+def test_products_add_a_times_w_for_every_row_block_and_width(dtype, vectors):
+    """C += A W through the register tile (pack_rows panels), for outputs narrower than one
+    vector (the tile's one-vector loop), whole and part-valid panels, and every row count
+    of a block; nothing past C's end is written."""
+    rng = np.random.default_rng(int(vectors * 4))
+    width = max(1, int(vectors * lanes(dtype)))
+    inner = 11
+    w = rng.standard_normal((1, inner, width)).astype(dtype)
+    packed = np.empty(packing.rows_shape(w.shape, w.itemsize), dtype)
+    packing.pack_rows(packed, w)
+    tolerance = 1e-5 if dtype == np.float32 else 1e-12
+    for rows in range(1, 2 * tiles.ROWS + 2):
+        a = rng.standard_normal((rows, inner)).astype(dtype)
+        buffer = rng.standard_normal(rows * width + 2 * lanes(dtype)).astype(dtype)
+        guard = buffer[rows * width :].copy()
+        c = buffer[: rows * width].reshape(rows, width)
+        expected = c.astype(np.float64) + a.astype(np.float64) @ w[0].astype(np.float64)
+        products.product_ab(c, rows, a, 0, 0, inner, inner, packed, 0, 0, 1)
+        np.testing.assert_allclose(c, expected, rtol=tolerance, atol=tolerance)
+        assert np.array_equal(buffer[rows * width :], guard)

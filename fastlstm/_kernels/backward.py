@@ -15,6 +15,7 @@ import numpy as np
 from fastlstm._config import jit
 from fastlstm._kernels.activations import zero
 from fastlstm._kernels.gates import (
+    add1,
     any_padded,
     copy1,
     copy2,
@@ -61,8 +62,7 @@ def layer_backward_rows(
         t_prev = t + 1 if d == 1 else t - 1  # the step that ran before t
         for r in range(rows):
             if t < lengths[b0 + r]:  # padded steps' output gradients are ignored
-                for j in range(out_size):
-                    dh[r, j] += dout[t, b0 + r, ocol + j]
+                add1(dh[r], dout[t, b0 + r, ocol : ocol + out_size])
         if has_proj:
             for r in range(rows):
                 active = t < lengths[b0 + r]

@@ -111,8 +111,7 @@ def layer_forward_rows(
         if training:  # h_{t-1} into its rows of xh (the x part is there)
             first_row = (d * steps + t) * batch + b0
             for r in range(rows):
-                for q in range(out_size):
-                    xh_rows[first_row + r, width_in + q] = h[r, q]
+                copy1(xh_rows[first_row + r, width_in:], h[r])
         if fused:  # bias + [x_t | h] [W_ih | W_hh]^T (bias there already after a reset)
             if not (bias_written_back and s > 0):
                 for g in range(4):
@@ -121,10 +120,8 @@ def layer_forward_rows(
             if not training:
                 a_base = 0
                 for r in range(rows):
-                    for i in range(width_in):
-                        stacked[r, i] = x[(t * batch + b0 + r), i]
-                    for q in range(out_size):
-                        stacked[r, width_in + q] = h[r, q]
+                    copy1(stacked[r, :width_in], x[t * batch + b0 + r])
+                    copy1(stacked[r, width_in:], h[r])
             product_abt(xp, base, gate_stride, hidden, hidden, rows, xh_rows, a_base, pan_ih, d, 4)
         else:
             product_abt(xp, base, gate_stride, hidden, hidden, rows, h, 0, pan_hh, d, 4)
@@ -156,8 +153,7 @@ def layer_forward_rows(
                         h_new[r, j] = h[r, j]
         for r in range(rows):
             if t < lengths[b0 + r]:
-                for j in range(out_size):
-                    out[t, b0 + r, ocol + j] = h_new[r, j]
+                copy1(out[t, b0 + r, ocol : ocol + out_size], h_new[r])
             else:
                 for j in range(out_size):
                     out[t, b0 + r, ocol + j] = 0
@@ -271,8 +267,7 @@ def layer_forward_units(
         product_abt(xp, base, gate_stride, hidden, units, batch, h, 0, packed, 0, 4)
         for r in range(batch):
             if training:
-                for j in range(units):
-                    xh[d, t * batch + r, width_in + first + j] = h[r, first + j]
+                copy1(xh[d, t * batch + r, width_in + first : width_in + end], h[r, first:end])
             off = r * hidden
             ai = xp[d, 0, slot, off + first : off + end]
             af = xp[d, 1, slot, off + first : off + end]
@@ -291,8 +286,7 @@ def layer_forward_units(
                     m[j] = h[r, first + j]
                     out[t, r, ocol + first + j] = 0
             else:
-                for j in range(units):
-                    out[t, r, ocol + first + j] = m[j]
+                copy1(out[t, r, ocol + first : ocol + end], m)
             if training:
                 copy1(cstate[d, t, off + first : off + end], c_next)
         if parties > 1:
@@ -384,8 +378,7 @@ def layer_forward_one_row(
             gates_forward_diagonal(ai, af, ag, ao, c, c_new, m, p_i, p_f, p_o)
         else:
             gates_forward(ai, af, ag, ao, c, c_new, m)
-        for j in range(hi - lo):
-            out[t, 0, ocol + lo + j] = m[j]
+        copy1(out[t, 0, ocol + lo : ocol + hi], m)
         if training:
             copy1(cstate[d, t, lo:hi], c_new)
         if parties > 1:

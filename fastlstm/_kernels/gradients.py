@@ -11,6 +11,7 @@ import numpy as np
 
 from fastlstm._config import MERGED_GRADIENT_MIN_ROWS, SMALL_ROW_MACS, jit
 from fastlstm._kernels.blas import gemm_ab, gemm_atb
+from fastlstm._kernels.gates import add1
 from fastlstm._kernels.tiles import ROWS, lanes_of, tile
 
 
@@ -156,16 +157,16 @@ def weight_gradients(dx, gw_ih, gw_hh, gbias, xp, x, xh, w_ih, part, parts):
                     if merged:
                         gemm_atb(both, da, xh[d], 0.0)  # sum_t da_t^T [x_t | h_{t-1}]
                         for u in range(hidden):
-                            for i in range(width):
-                                gw_ih[d, g * hidden + u, i] += both[u, i]
-                            for q in range(out_size):
-                                gw_hh[d, g * hidden + u, q] += both[u, width + q]
+                            add1(gw_ih[d, g * hidden + u], both[u, :width])
+                            add1(gw_hh[d, g * hidden + u], both[u, width:])
                     else:
                         gemm_atb(gw_ih[d, band], da, xh[d, :, :width], 1.0)  # da^T x
                         gemm_atb(gw_hh[d, band], da, xh[d, :, width:], 1.0)  # da^T h_{t-1}
+                    # Row by row, as calls of add1: written inline over 2-D indices the
+                    # sum stayed scalar (measured at 3200 x 256: 0.36 against 0.07 ms).
+                    bias_band = gbias[d, band]
                     for r in range(rows):
-                        for j in range(hidden):
-                            gbias[d, g * hidden + j] += da[r, j]
+                        add1(bias_band, da[r])
                 beta = 1.0 if d > 0 or g > 0 else 0.0
                 gemm_ab(dx[r0:r1], da[r0:r1], w_ih[d, band], beta)  # dx = da W_ih
 

@@ -437,15 +437,17 @@ def test_reused_workspace_arrays_give_the_numbers_of_fresh_ones(rng):
 
 @dtypes
 @directions
-def test_weight_gradients_over_many_rows_match_torch(rng, dtype, bidirectional):
-    """T*B >= MERGED_GRADIENT_MIN_ROWS with 4H(I+P) > SMALL_ROW_MACS: each gate's dW_ih and
-    dW_hh come from one GEMM over [x | h_{t-1}] (the path of the larger shapes), with
-    lengths, against torch autograd."""
-    from fastlstm._config import MERGED_GRADIENT_MIN_ROWS, SMALL_ROW_MACS
+@pytest.mark.parametrize("width, hidden", [(8, 32), (256, 256)], ids=["narrow-x", "wide"])
+def test_weight_gradients_over_many_rows_match_torch(rng, dtype, bidirectional, width, hidden):
+    """T*B >= MERGED_GRADIENT_MIN_ROWS with 4H(I+P) > SMALL_ROW_MACS, with lengths, against
+    torch autograd: with a narrow x each gate's dW_ih and dW_hh come from one GEMM over
+    [x | h_{t-1}]; with x and h both wide, from two GEMMs accumulating in place."""
+    from fastlstm._config import MERGED_GRADIENT_MIN_ROWS, MERGED_GRADIENT_NARROW, SMALL_ROW_MACS
 
-    steps, batch, width, hidden = 32, 32, 8, 32
+    steps, batch = 32, 32
     assert steps * batch >= MERGED_GRADIENT_MIN_ROWS
     assert 4 * hidden * (width + hidden) > SMALL_ROW_MACS
+    assert (min(width, hidden) < MERGED_GRADIENT_NARROW) == (width == 8)
     model = fl.LSTM(width, hidden, bidirectional=bidirectional, dtype=dtype, seed=21)
     module = torch_twin(model)
     D = 2 if bidirectional else 1

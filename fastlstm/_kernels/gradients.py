@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fastlstm._config import MERGED_GRADIENT_MIN_ROWS, SMALL_ROW_MACS, jit
+from fastlstm._config import MERGED_GRADIENT_MIN_ROWS, MERGED_GRADIENT_NARROW, SMALL_ROW_MACS, jit
 from fastlstm._kernels.blas import gemm_ab, gemm_atb
 from fastlstm._kernels.gates import add1
 from fastlstm._kernels.tiles import ROWS, lanes_of, tile
@@ -122,7 +122,7 @@ def weight_gradients(dx, gw_ih, gw_hh, gbias, xp, x, xh, w_ih, part, parts):
     dW_ih and dW_hh of a gate come from one GEMM dL/da^T [x | h_{t-1}] over xh's rows
     (one wide product runs faster than two narrow ones: OpenBLAS at 3200 x 256 x 384,
     82 GFLOP/s, against 70 and 78 for the 128- and 256-wide halves), from
-    MERGED_GRADIENT_MIN_ROWS rows on.
+    MERGED_GRADIENT_MIN_ROWS rows on when x or h is narrower than MERGED_GRADIENT_NARROW.
 
     Adds into the gradient arrays (gbias (D, G) collects the one bias gradient every bias
     shares); overwrites dx (T*B, I) with dL/dx. xp holds dL/da in the gate-major layout.
@@ -140,10 +140,15 @@ def weight_gradients(dx, gw_ih, gw_hh, gbias, xp, x, xh, w_ih, part, parts):
     small = 4 * hidden * (width + out_size) <= SMALL_ROW_MACS
     r0 = rows * part // parts
     r1 = rows * (part + 1) // parts
-    # Over many rows one GEMM per gate into a scratch, then added into dW_ih and dW_hh;
-    # over few (a one-row batch: T rows) the adds would cost more than the wider GEMM
-    # saves (measured at 150 rows: 1.64 -> 1.74 ms), so two GEMMs accumulate in place.
-    merged = not small and rows >= MERGED_GRADIENT_MIN_ROWS
+    # Over many rows with x or h narrow: one GEMM per gate into a scratch, then added
+    # into dW_ih and dW_hh. Over few rows (a one-row batch: T rows) the adds would cost
+    # more than the wider GEMM saves (measured at 150 rows: 1.64 -> 1.74 ms), and with
+    # both wide there is nothing to save: two GEMMs accumulate in place.
+    merged = (
+        not small
+        and rows >= MERGED_GRADIENT_MIN_ROWS
+        and min(width, out_size) < MERGED_GRADIENT_NARROW
+    )
     both = np.empty((hidden if merged else 0, width + out_size), dtype=xp.dtype)
     for d in range(directions):
         if small:

@@ -23,6 +23,7 @@ from fastlstm._kernels.gates import (
     gates_backward_ifg,
     gates_backward_o,
     peephole_units,
+    sum1,
     tiled_peepholes,
 )
 from fastlstm._kernels.products import product_ab, product_one_row_back
@@ -148,8 +149,7 @@ def layer_backward_one_row(
         t_prev = t + 1 if d == 1 else t - 1
         dh = state[d, current]
         dh_next = state[d, 1 - current]
-        for j in range(hi - lo):
-            dm[j] = dh[lo + j] + dout[t, 0, ocol + lo + j]
+        sum1(dm, dh[lo:hi], dout[t, 0, ocol + lo : ocol + hi])
         ai = xp[d, 0, t, lo:hi]
         af = xp[d, 1, t, lo:hi]
         ag = xp[d, 2, t, lo:hi]

@@ -28,6 +28,7 @@ from fastlstm._kernels.gates import (
     gates_forward_o,
     gates_forward_reset,
     peephole_units,
+    sum1,
     tiled_peepholes,
 )
 from fastlstm._kernels.packing import pack_unit_chunks
@@ -97,8 +98,8 @@ def layer_forward_rows(
     if fused:
         for g in range(4):
             for r in range(rows):
-                for j in range(hidden):
-                    tiled_bias[g, r * hidden + j] = bias[d, g * hidden + j]
+                copy1(tiled_bias[g, r * hidden : (r + 1) * hidden],
+                      bias[d, g * hidden : (g + 1) * hidden])  # fmt: skip
     for s in range(steps):
         t = steps - 1 - s if d == 1 else s
         slot = 0 if one_slot else t  # this step's gates in xp
@@ -189,12 +190,15 @@ def project_inputs(xp, x, w_ih, bias, first, end):
             t1 = min(end, t0 + block_steps)
             part = scratch[: (t1 - t0) * batch]
             gemm_abt(part, x[t0 * batch : t1 * batch], w_ih[d], 0.0)
+            # Row by row through sum1 (vectorised): inline over 2-D indices this pass
+            # stayed scalar (measured at large, 12 steps: 68 against 65.5 ms with the GEMM).
             for g in range(4):
                 block = xp[d, g].reshape(rows * hidden)
+                gate_bias = bias[d, g * hidden : (g + 1) * hidden]
                 for r in range(part.shape[0]):
                     base = (t0 * batch + r) * hidden
-                    for j in range(hidden):
-                        block[base + j] = part[r, g * hidden + j] + bias[d, g * hidden + j]
+                    sum1(block[base : base + hidden], part[r, g * hidden : (g + 1) * hidden],
+                         gate_bias)  # fmt: skip
 
 
 @jit
@@ -215,8 +219,8 @@ def project_inputs_packed(xp, x, packed, bias, first, end):
         for g in range(4):
             base = (d * 4 + g) * gate_stride
             for r in range(first, end):
-                for j in range(hidden):
-                    flat[base + r * hidden + j] = bias[d, g * hidden + j]
+                row = base + r * hidden
+                copy1(flat[row : row + hidden], bias[d, g * hidden : (g + 1) * hidden])
         product_abt(
             xp, d * 4 * gate_stride + first * hidden, gate_stride, hidden, hidden, end - first,
             x, first * width_in, packed, d, 4,
@@ -318,10 +322,12 @@ def one_row_inputs(xp, inputs, w_ih, bias, packed_ih, w_hh, packed, d, first, en
     lo = first * width
     hi = min(hidden, end * width)
     pack_unit_chunks(packed_ih, w_ih, d, first, end)
+    # Row copies through copy1 (vectorised): inline over 4-D indices this loop stayed
+    # scalar (measured at the latency shape: 65 against 5 us per thread).
     for g in range(4):
+        gate_bias = bias[d, g * hidden + lo : g * hidden + hi]
         for t in range(steps):
-            for j in range(lo, hi):
-                xp[d, g, t, j] = bias[d, g * hidden + j]
+            copy1(xp[d, g, t, lo:hi], gate_bias)
     project_unit_chunks(xp, inputs, packed_ih, d, first, end)
     pack_unit_chunks(packed, w_hh, d, first, end)
 

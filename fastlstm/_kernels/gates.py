@@ -40,6 +40,13 @@ def add1(dst, src):
 
 
 @jit
+def sum1(dst, a, b):
+    """dst[:] = a + b for 1-D arrays of one length."""
+    for j in range(a.shape[0]):
+        dst[j] = a[j] + b[j]
+
+
+@jit
 def copy2(dst, src):
     """dst[:, :] = src for 2-D arrays of one shape."""
     for r in range(src.shape[0]):

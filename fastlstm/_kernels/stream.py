@@ -39,6 +39,7 @@ from __future__ import annotations
 
 from fastlstm._config import jit
 from fastlstm._kernels.gates import (
+    copy1,
     gates_forward,
     gates_forward_diagonal,
     gates_forward_ifg,
@@ -143,21 +144,21 @@ def _advance(out, o_base, o_row, x, x_base, x_row, ws, panels, meta, b0, b1):
         c = ws[c_at + lo : c_at + hi]
         xp = ws[meta[rec + R_XP] : meta[rec + R_XP] + 4 * units]
         rows = ws[meta[M_ROWS] : meta[M_ROWS] + batch * depth]
-        for b in range(b0, b1):  # [x_t | h_{t-1}] per row
+        # [x_t | h_{t-1}] per row. Copies are calls of copy1 (vectorised), as in the time
+        # loops: written inline over offsets they may stay scalar.
+        for b in range(b0, b1):
+            row = b * depth
             if layer == 0:
                 start = x_base + b * x_row
-                for i in range(width):
-                    rows[b * depth + i] = x[start + i]
+                copy1(rows[row : row + width], x[start : start + width])
             else:
-                for i in range(width):
-                    rows[b * depth + i] = ws[below + b * width + i]
-            for q in range(out_size):
-                rows[b * depth + width + q] = h[(b - b0) * out_size + q]
+                start = below + b * width
+                copy1(rows[row : row + width], ws[start : start + width])
+            copy1(rows[row + width : row + depth], h[(b - b0) * out_size : (b - b0 + 1) * out_size])
         bias = ws[meta[rec + R_BIAS] : meta[rec + R_BIAS] + 4 * units]
         if not write_back:  # (else the last gate pass left the bias in xp)
             for g in range(4):
-                for j in range(g * units + lo, g * units + hi):
-                    xp[j] = bias[j]
+                copy1(xp[g * units + lo : g * units + hi], bias[g * units + lo : g * units + hi])
         if one_row:
             main = _panels5(panels, meta, rec + R_MAIN)
             product_one_row(xp, 0, hidden, hidden, rows, main, 0, 0, main.shape[2])
@@ -186,8 +187,7 @@ def _advance(out, o_base, o_row, x, x_base, x_row, ws, panels, meta, b0, b1):
             gates_forward_reset(ai, af, ag, ao, c, c_new, m, bias.reshape((4, units)))
         else:
             gates_forward(ai, af, ag, ao, c, c_new, m)
-        for j in range(hi - lo):
-            c[j] = c_new[j]
+        copy1(c, c_new)
         if has_proj:
             for q in range(count * out_size):
                 h[q] = 0
@@ -196,8 +196,7 @@ def _advance(out, o_base, o_row, x, x_base, x_row, ws, panels, meta, b0, b1):
         below = h_at
     for b in range(b0, b1):
         start = o_base + b * o_row
-        for q in range(out_size):
-            out[start + q] = ws[below + b * out_size + q]
+        copy1(out[start : start + out_size], ws[below + b * out_size : below + (b + 1) * out_size])
 
 
 @jit

@@ -397,16 +397,19 @@ def forward(
         if not fused and not one_row_layer:  # (a one-row loop projects its own inputs)
             _timed(timings, "input_gemm", _project_inputs, xp, inputs, layer.w_ih, bias)
         out = np.empty((steps, batch, directions * out_size), dtype)
+        unit_tasks = units_plan(steps, batch, layer, fused)
         if training:
             xh = _take((directions, steps * batch, width + out_size), dtype)
-            xh[:, :, :width] = inputs  # the loops write each step's h_{t-1} beside it
+            if one_row_layer or unit_tasks:
+                # These loops write each step's h_{t-1} beside x_t (split by units, no
+                # thread owns a whole row); the row-chunk loop writes both, in its task.
+                xh[:, :, :width] = inputs
             cstate = _take((directions, steps, batch * hidden), dtype)
             has_proj = layer.w_hr is not None
             mstore = _take((directions, steps, batch, hidden) if has_proj else (0,) * 4, dtype)
         else:
             xh, cstate, mstore = _empty(dtype, 3), _empty(dtype, 3), _empty(dtype, 4)
         rows = slice(k * directions, (k + 1) * directions)
-        unit_tasks = units_plan(steps, batch, layer, fused)
         if one_row_layer:
             _forward_one_row(
                 timings, layer, out, h_n[rows], c_n[rows], xp, xh, cstate,

@@ -50,7 +50,8 @@ def layer_forward_rows(
     ``packed``: the panels of [W_ih | W_hh] (the loop projects its inputs: fused), W_hh
     (not fused), W_hr, W_ch[i, f, g] and W_ch[o] (pack_columns; empty when absent). Fused,
     the kernel projects x (T*B, I) itself, adding ``bias`` (D, 4H); else xp must already
-    hold the projection. In training, xh's x part must hold x (the kernel adds h_{t-1}).
+    hold the projection. In training the kernel fills its rows of xh with [x_t | h_{t-1}]
+    (for the weight gradients; the fused product reads them there).
 
     Calls for different directions (or rows) share nothing but disjoint rows and columns of
     the outputs, so the engine may run them on separate threads (kernels release the GIL).
@@ -109,9 +110,10 @@ def layer_forward_rows(
         ag = xp[d, 2, slot, lo:hi]
         ao = xp[d, 3, slot, lo:hi]
         base = d * 4 * gate_stride + slot * xp.shape[3] + lo  # xp[d, 0, slot, lo] in xp.flat
-        if training:  # h_{t-1} into its rows of xh (the x part is there)
+        if training:  # [x_t | h_{t-1}] into its rows of xh, just before the product reads them
             first_row = (d * steps + t) * batch + b0
             for r in range(rows):
+                copy1(xh_rows[first_row + r, :width_in], x[t * batch + b0 + r])
                 copy1(xh_rows[first_row + r, width_in:], h[r])
         if fused:  # bias + [x_t | h] [W_ih | W_hh]^T (bias there already after a reset)
             if not (bias_written_back and s > 0):

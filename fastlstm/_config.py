@@ -53,7 +53,7 @@ SMALL_ROW_MACS = 4096
 # [x | h_{t-1}] into a scratch that is then added into both (a wider product runs faster);
 # below, the adds cost more than that gains, and two GEMMs accumulate in place.
 MERGED_GRADIENT_MIN_ROWS = 1024
-# ... and only while one of the two is narrower than this many columns: a narrow product
+# That merge only while x or h is narrower than this many columns: a narrow product
 # runs below the BLAS's speed (Zen 3, 3200 rows: 70 GFLOP/s 128 wide, 82 for the merged
 # 384), while two wide ones lose nothing and the scratch's adds cost a pass over the
 # gate's dW (Zen 4, large, 1600 x 1024 + 1024: the weight gradients took 216-224 ms

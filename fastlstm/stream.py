@@ -34,6 +34,7 @@ from fastlstm._kernels.stream import (
     M_OUT,
     M_PEEPHOLE,
     M_PROJ,
+    M_ROW_STRIDE,
     M_ROWS,
     R_BIAS,
     R_HR,
@@ -169,6 +170,7 @@ class Stream:
         meta[M_C_NEW] = region(units)
         meta[M_M] = region(units if has_proj else 0)
         meta[M_ROWS] = region(batch * depth)
+        meta[M_ROW_STRIDE] = depth
         meta[M_COPY_BIAS] = parts > 1
         bounds = [batch * part // parts for part in range(parts + 1)]
         self._parts = [(bounds[p], bounds[p + 1]) for p in range(parts)]

@@ -404,6 +404,28 @@ def test_rows_in_two_parts_on_two_threads(rng, monkeypatch, config):
     np.testing.assert_array_equal(split.state[1], c_n)
 
 
+def test_two_parts_never_share_rows_across_layers(rng, monkeypatch):
+    """Parts run their rows through every layer without waiting for each other, so one may
+    be at layer 0 (rows [x_t | h] of depth I + P) while the other is at layer 1 (depth
+    H + P): their rows must not overlap in the shared scratch. Many steps, so that a race
+    shows (with the rows at b * depth per layer, 7% of 8-step runs differed under v128)."""
+    monkeypatch.setattr(fl.stream, "PARALLEL_STEP_MACS", 0)
+    threads = fl.get_num_threads()
+    fl.set_num_threads(2)
+    try:
+        model = make("L3", np.float32)
+        split = model.stream(5)
+    finally:
+        fl.set_num_threads(threads)
+    monkeypatch.setattr(fl.stream, "PARALLEL_STEP_MACS", None)
+    one_part = model.stream(5)
+    assert len(split._parts) == 2 and len(one_part._parts) == 1
+    assert I != H  # layers of different depths
+    x = rng.standard_normal((1500, 5, I)).astype(np.float32)
+    for t in range(x.shape[0]):
+        np.testing.assert_array_equal(split.step(x[t]), one_part.step(x[t]), err_msg=f"step {t}")
+
+
 def test_nan_stays_in_its_row(rng):
     stream = make("L2-proj", np.float64).stream(3)
     x = rng.standard_normal((4, 3, I))

@@ -62,9 +62,10 @@ from fastlstm._kernels.products import product_abt, product_one_row
     M_C_NEW,  # ws offset of c_new (B*H)
     M_M,  # ws offset of m (B*H), the gate pass's output before the projection
     M_ROWS,  # ws offset of the rows [x_t | h_{t-1}] (B, I_l + P)
+    M_ROW_STRIDE,  # max over layers of I_l + P: a part's rows start at M_ROWS + b0 * this
     M_COPY_BIAS,  # 1: every layer copies the bias into its gate block each step
-) = range(13)
-_HEADER = 13
+) = range(14)
+_HEADER = 14
 # meta[_HEADER + l * _RECORD :][:_RECORD]: layer l.
 (
     R_WIDTH,  # I_l: the layer's input width
@@ -143,12 +144,16 @@ def _advance(out, o_base, o_row, x, x_base, x_row, ws, panels, meta, b0, b1):
         c_at = meta[M_C] + layer * units
         c = ws[c_at + lo : c_at + hi]
         xp = ws[meta[rec + R_XP] : meta[rec + R_XP] + 4 * units]
-        rows = ws[meta[M_ROWS] : meta[M_ROWS] + batch * depth]
-        # [x_t | h_{t-1}] per row. Copies are calls of copy1 (vectorised), as in the time
-        # loops: written inline over offsets they stayed scalar (measured with the bias,
-        # cell and output copies below: a step of B = 16 rows at H = 64 15.6 -> 13.8 us).
+        # This part's rows [x_t | h_{t-1}], at this layer's depth, from b0 times the widest
+        # layer's on: a part on another thread may be at another layer meanwhile, whose
+        # rows of another depth must not overlap these.
+        first_row = meta[M_ROWS] + b0 * meta[M_ROW_STRIDE]
+        rows = ws[first_row : first_row + count * depth]
+        # Copies are calls of copy1 (vectorised), as in the time loops: written inline over
+        # offsets they stayed scalar (measured with the bias, cell and output copies
+        # below: a step of B = 16 rows at H = 64 15.6 -> 13.8 us).
         for b in range(b0, b1):
-            row = b * depth
+            row = (b - b0) * depth
             if layer == 0:
                 start = x_base + b * x_row
                 copy1(rows[row : row + width], x[start : start + width])
@@ -165,7 +170,7 @@ def _advance(out, o_base, o_row, x, x_base, x_row, ws, panels, meta, b0, b1):
             product_one_row(xp, 0, hidden, hidden, rows, main, 0, 0, main.shape[2])
         else:
             main = _panels4(panels, meta, rec + R_MAIN)
-            product_abt(xp, lo, units, hidden, hidden, count, rows, b0 * depth, main, 0, 4)
+            product_abt(xp, lo, units, hidden, hidden, count, rows, 0, main, 0, 4)
         ai = xp[lo:hi]
         af = xp[units + lo : units + hi]
         ag = xp[2 * units + lo : 2 * units + hi]

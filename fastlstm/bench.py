@@ -15,12 +15,16 @@ For every shape, mode and peer:
    3, when the peer would need more than ``budget`` seconds: the reference at the large
    shapes), and report the medians. ratio = median(peer) / median(fastlstm of those pairs);
    above 1 means fastlstm is faster. Before each timed call the same side runs untimed
-   for ``settle`` seconds (0.1 by default; at least one call): thread pools that keep
-   spinning after a call (ONNX Runtime's for tens of milliseconds, OpenMP's, OpenBLAS's)
-   would otherwise take a core from whichever side runs next, and a side that has slept
-   pays to wake its threads. Measured here at the medium shape: fastlstm right after an
-   ONNX Runtime call ran 1.9x slower than alone, and after a 0.1 s sleep every side ran
-   slower than warm (torch's seed forward 35x); settling runs each side as it runs alone.
+   for ``settle`` seconds (0.25 by default; at least one call): thread pools that keep
+   spinning after a call (ONNX Runtime's for tens of milliseconds, OpenMP's, OpenBLAS's
+   for 2**28 TSC cycles, about 0.1 s) would otherwise take a core from whichever side
+   runs next, and a side that has slept pays to wake its threads. Measured here at the
+   medium shape: fastlstm right after an ONNX Runtime call ran 1.9x slower than alone,
+   and after a 0.1 s sleep every side ran slower than warm (torch's seed forward 35x);
+   settling runs each side as it runs alone. 0.1 s of settling was too short for
+   OpenBLAS's threads after the reference's threaded GEMMs: fastlstm's samples that
+   followed them (the torch rows') ran 7-15% slower than its others (medium forward,
+   Zen 4, two runs each way; 1-3% with 0.25 s).
 
 Modes: ``forward`` is inference (fastlstm ``eval()``, torch under ``inference_mode``, ONNX
 Runtime ``session.run``); ``train`` is one training step, forward + backward and nothing
@@ -68,7 +72,7 @@ SIDES = ("fastlstm", *peers.PEERS)
 DEFAULT_THREADS = 2
 DEFAULT_REPEATS = 20
 DEFAULT_BUDGET = 10.0  # seconds of timed calls per peer and row, before repeats are cut
-DEFAULT_SETTLE = 0.1  # seconds a side runs untimed before each of its timed calls
+DEFAULT_SETTLE = 0.25  # seconds a side runs untimed before each of its timed calls
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,8 @@ Numba's dispatch costs about 100 ns per array):
     ws      (N,) float   the state and work arrays: h (L, B, P), c (L, B, H), per layer the
                          gate block xp (4, B*H), the bias tiled over the rows (4, B*H) and
                          the diagonal peepholes tiled (3, B*H); c_new and m (B*H), the rows
-                         [x_t | h_{t-1}] (B, I_l + P)
+                         [x_t | h_{t-1}] (B rows of max_l (I_l + P): a part's rows start
+                         at its first row times that, packed at its layer's I_l + P)
     panels  (M,) float   every layer's weights packed once for the micro-kernels: [W_ih |
                          W_hh] along K (pack_units for a batch of one row, pack_columns
                          otherwise), W_hr and W_ch[ifg], W_ch[o] (pack_columns)

@@ -110,8 +110,10 @@ def layer_forward_rows(
         ag = xp[d, 2, slot, lo:hi]
         ao = xp[d, 3, slot, lo:hi]
         base = d * 4 * gate_stride + slot * xp.shape[3] + lo  # xp[d, 0, slot, lo] in xp.flat
-        if training:  # [x_t | h_{t-1}] into its rows of xh, just before the product reads them
-            first_row = (d * steps + t) * batch + b0
+        # [x_t | h_{t-1}] into this step's rows (xh's in training, the scratch's in
+        # inference), just before the fused product reads them.
+        first_row = (d * steps + t) * batch + b0 if training else 0
+        if training or fused:
             for r in range(rows):
                 copy1(xh_rows[first_row + r, :width_in], x[t * batch + b0 + r])
                 copy1(xh_rows[first_row + r, width_in:], h[r])
@@ -119,12 +121,7 @@ def layer_forward_rows(
             if not (bias_written_back and s > 0):
                 for g in range(4):
                     copy1(xp[d, g, slot, lo:hi], tiled_bias[g])
-            a_base = ((d * steps + t) * batch + b0) * depth
-            if not training:
-                a_base = 0
-                for r in range(rows):
-                    copy1(stacked[r, :width_in], x[t * batch + b0 + r])
-                    copy1(stacked[r, width_in:], h[r])
+            a_base = first_row * depth
             product_abt(xp, base, gate_stride, hidden, hidden, rows, xh_rows, a_base, pan_ih, d, 4)
         else:
             product_abt(xp, base, gate_stride, hidden, hidden, rows, h, 0, pan_hh, d, 4)

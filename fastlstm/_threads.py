@@ -6,9 +6,16 @@ sequence, and the GEMMs outside the loops in parts. The BLAS is held to one thre
 around every engine call into it: on two cores the pools must not stack up, and OpenBLAS's
 threads keep spinning after a call and take a core from the tasks that follow.
 
-The task pool is a plain thread pool whose idle workers block. Numba's OpenMP workers
-spin for a while after each parallel region, which on two cores takes the CPU from
-whatever runs next, and collapses when other processes want the cores.
+The task pool's helpers wait for work polling a counter, without the GIL, for
+HELPER_SPIN_SECONDS after their last task, and then block; the caller, its own task done,
+polls for theirs the same way. Handing tasks over through blocked threads cost 50-100 µs
+per parallel section on a 2-vCPU VM (two wake-ups of a sleeping thread; measured on an
+AMD EPYC Zen 4 VM: an empty fork/join took 64-70 µs through a ThreadPoolExecutor, 54 µs
+as a lock ping-pong between two threads; 10-14 µs through these helpers). Sections
+follow each other within microseconds in a training step or a loop of calls, so the
+poll usually finds the helper awake. The wait is bounded and yields the CPU between
+polls: Numba's OpenMP workers and OpenBLAS's threads spin far longer (up to 0.1 s after
+a call), which on two cores takes the CPU from whatever runs next.
 """
 
 from __future__ import annotations
@@ -16,11 +23,28 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numba
+import numpy as np
 from threadpoolctl import ThreadpoolController
+
+from fastlstm._kernels import sync
+
+# How long an idle helper polls for its next task before it blocks, and how long the
+# caller polls for the helpers' tasks before it blocks. Long enough for the Python
+# between two parallel sections (tens of microseconds) and between calls in a loop;
+# short enough that an idle process gives its cores back at once.
+HELPER_SPIN_SECONDS = 0.002
+JOIN_SPIN_SECONDS = 0.002
+# Past JOIN_SPIN_SECONDS the caller naps this long between polls.
+JOIN_NAP_SECONDS = 0.0002
+# A helper that sees a new section polls this much longer before it takes the GIL: the
+# caller that posted it holds the GIL until its own task's native code starts (a Numba
+# dispatch, about a microsecond).
+GIL_SETTLE_SECONDS = 0.000005
 
 _controller: ThreadpoolController | None = None
 _pool: ThreadPoolExecutor | None = None
@@ -35,10 +59,10 @@ _num_threads = max(1, min(os.cpu_count() or 1, numba.config.NUMBA_NUM_THREADS))
 
 
 def _forget_pool_after_fork() -> None:
-    # A forked child inherits the executor but not its worker threads: tasks submitted
-    # there would never run. It starts a pool of its own on first use.
-    global _pool, _pool_size, _lock
-    _pool, _pool_size, _lock = None, 0, threading.Lock()
+    # A forked child inherits the pools but not their threads: tasks handed to them there
+    # would never run. It starts pools of its own on first use.
+    global _pool, _pool_size, _lock, _helpers
+    _pool, _pool_size, _lock, _helpers = None, 0, threading.Lock(), None
 
 
 if hasattr(os, "register_at_fork"):
@@ -84,13 +108,137 @@ def get_num_threads() -> int:
     return _num_threads
 
 
+_STOP = object()
+_NONE = np.zeros(0, np.int64)  # hand_off's "no arrival"
+
+
+class _Helpers:
+    """Threads that run the tasks after the first of a :func:`run_tasks` call.
+
+    Hand-off through two counters that only grow: ``posted`` (sections handed out) and
+    ``done`` (tasks finished), read and changed by native code that holds no GIL
+    (:mod:`fastlstm._kernels.sync`). Whoever needs the GIL next must find it free: a
+    thread asleep on the GIL is as slow to wake as one asleep on a lock. So a helper ends
+    a task and starts polling for the next in one native call (the caller, polling
+    ``done``, then finds the GIL free), and once it sees a new section it polls a few
+    microseconds more (GIL_SETTLE_SECONDS) while the caller, which posted it holding the
+    GIL, goes into its own task's native code. An idle helper blocks on ``wake`` after
+    HELPER_SPIN_SECONDS (``sleeping`` tells the caller to notify it); a caller still
+    waiting after JOIN_SPIN_SECONDS naps between polls. One section at a time (``busy``).
+    """
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.posted = np.zeros(1, np.int64)
+        self.done = np.zeros(1, np.int64)
+        self.wake = threading.Condition()
+        self.sleeping = False
+        self.busy = threading.Lock()
+        self.work: list = [None] * count
+        self.errors: list = [None] * count
+        for index in range(count):
+            name = f"fastlstm-helper-{index}"
+            threading.Thread(target=self._serve, args=(index,), name=name, daemon=True).start()
+
+    def _sleep_until(self, section: int) -> None:
+        with self.wake:
+            self.sleeping = True
+            while self.posted[0] < section:
+                self.wake.wait(0.05)
+            self.sleeping = False
+
+    def _serve(self, index: int) -> None:
+        spin = int(HELPER_SPIN_SECONDS * 1e9)
+        settle = int(GIL_SETTLE_SECONDS * 1e9)
+        section = 1
+        if not sync.hand_off(_NONE, self.posted, section, spin, settle):
+            self._sleep_until(section)
+        while True:
+            work = self.work[index]
+            if work is _STOP:
+                return
+            if work is not None:
+                function, task = work
+                try:
+                    function(*task)
+                except BaseException as error:  # noqa: BLE001 (re-raised by the caller)
+                    self.errors[index] = error
+            section += 1
+            if not sync.hand_off(self.done, self.posted, section, spin, settle):
+                self._sleep_until(section)
+
+    def _post(self) -> None:
+        sync.hand_off(self.posted, self.posted, 0, 0, 0)
+        if self.sleeping:
+            with self.wake:
+                self.wake.notify_all()
+
+    def run(self, function: Callable[..., None], tasks: Sequence[tuple]) -> list:
+        """Run the tasks (at most count + 1), the first on this thread; their errors."""
+        extra = tasks[1:]
+        for index in range(self.count):
+            self.work[index] = (function, extra[index]) if index < len(extra) else None
+            self.errors[index] = None
+        target = self.done[0] + self.count
+        self._post()
+        try:
+            function(*tasks[0])
+        finally:
+            # Every task must end before this returns or raises: a task still running
+            # would go on writing into the caller's arrays.
+            spin = int(JOIN_SPIN_SECONDS * 1e9)
+            while not sync.hand_off(_NONE, self.done, target, spin, 0):
+                spin = 0
+                time.sleep(JOIN_NAP_SECONDS)
+        return list(self.errors)
+
+    def stop(self) -> None:
+        """End the helper threads (after the section in progress, if any)."""
+        with self.busy:
+            self.work = [_STOP] * self.count
+            self._post()
+
+
+_helpers: _Helpers | None = None
+
+
+def _run_on_helpers(function: Callable[..., None], tasks: Sequence[tuple]) -> bool:
+    """Run the tasks on the polling helpers; False (nothing run) when they are busy with
+    another thread's section or polling is unavailable (then the plain pool runs them)."""
+    global _helpers
+    if not sync.AVAILABLE:
+        return False
+    with _lock:
+        helpers = _helpers
+        if helpers is None or helpers.count < len(tasks) - 1:
+            if helpers is not None:
+                helpers.stop()
+            helpers = _helpers = _Helpers(len(tasks) - 1)
+    if not helpers.busy.acquire(blocking=False):
+        return False
+    try:
+        errors = helpers.run(function, tasks)
+    finally:
+        helpers.busy.release()
+    for error in errors:
+        if error is not None:
+            raise error
+    return True
+
+
 def run_tasks(function: Callable[..., None], tasks: Sequence[tuple]) -> None:
     """Run ``function(*task)`` for every task at once and return when all are done.
 
-    The calling thread takes the first task, pool threads the others; an error in any
+    The calling thread takes the first task, helper threads the others; an error in any
     task is raised here after all have finished.
     """
     global _pool, _pool_size
+    if len(tasks) < 2:
+        for task in tasks:
+            function(*task)
+        return
+    if _run_on_helpers(function, tasks):
+        return
     helpers = len(tasks) - 1
     with _lock:
         if helpers > _pool_size:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import threading
 import time
 
 import numba
@@ -96,6 +97,64 @@ def test_run_tasks_waits_for_every_task_before_raising():
     with pytest.raises(RuntimeError, match="task failed"):
         run_tasks(task, [("fail",), ("slow",)])
     assert finished == ["slow"]  # the other task ran to its end first
+
+
+def test_run_tasks_waits_for_a_helper_that_fails_while_the_caller_is_slow():
+    finished = []
+
+    def task(kind):
+        if kind == "fail":
+            raise ValueError("helper failed")
+        time.sleep(0.05)  # longer than the caller's poll: it naps and looks again
+        finished.append(kind)
+
+    with pytest.raises(ValueError, match="helper failed"):
+        run_tasks(task, [("slow",), ("fail",)])
+    assert finished == ["slow"]
+
+
+@pytest.mark.parametrize("pause", [0.0, 0.01])
+def test_run_tasks_hands_every_section_to_the_helpers_awake_or_asleep(pause):
+    """Many sections in a row, with the helper still polling (no pause) or asleep (a pause
+    longer than HELPER_SPIN_SECONDS): every task runs exactly once, on another thread."""
+    from fastlstm import _threads
+
+    assert pause == 0.0 or pause > _threads.HELPER_SPIN_SECONDS
+    seen = []
+
+    def task(section, part):
+        seen.append((section, part, threading.get_ident()))
+
+    for section in range(200 if pause == 0.0 else 20):
+        run_tasks(task, [(section, 0), (section, 1)])
+        time.sleep(pause)
+    sections = 200 if pause == 0.0 else 20
+    assert sorted((s, p) for s, p, _ in seen) == [(s, p) for s in range(sections) for p in (0, 1)]
+    caller = threading.get_ident()
+    assert all((ident == caller) == (part == 0) for _, part, ident in seen)
+
+
+def test_run_tasks_from_two_threads_at_once_runs_both():
+    """A second calling thread finds the helpers busy and takes the plain pool."""
+    results = {}
+
+    def task(out, index):
+        time.sleep(0.01)
+        out[index] = threading.get_ident()
+
+    def caller(name):
+        out = [None, None]
+        for _ in range(20):
+            run_tasks(task, [(out, 0), (out, 1)])
+        results[name] = out
+
+    threads = [threading.Thread(target=caller, args=(name,)) for name in "ab"]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert set(results) == {"a", "b"}
+    assert all(None not in out and out[0] != out[1] for out in results.values())
 
 
 def _child_forward(queue):

@@ -1,4 +1,5 @@
-"""A spin-then-yield barrier for the threads of one time loop (a batch of one row).
+"""Waiting without the GIL: a spin-then-yield barrier for the threads of one time loop (a
+batch of one row), and the counters that hand tasks to fastlstm's helper threads.
 
 A batch of one row cannot be split by rows; its two threads split the hidden units
 instead, and every step each needs the whole new state from the other: one barrier per
@@ -7,6 +8,9 @@ reaches parties x steps done. The counter only grows, so no reset is needed. Wai
 spins briefly (a step takes microseconds) and then yields the CPU (``sched_yield``), so
 that a waiting thread does not keep a core from the one it waits for when other
 processes compete for the cores.
+
+:func:`hand_off` is the helper threads' (:mod:`fastlstm._threads`): counters that only
+grow, polled for a bounded time.
 
 The atomics are LLVM instructions (``atomicrmw add``, ``load atomic acquire``) through
 Numba intrinsics: the add publishes this thread's writes of the step (sequentially
@@ -18,18 +22,25 @@ from __future__ import annotations
 import ctypes
 
 import llvmlite.binding as llvm
+import numpy as np
 from numba import types
 from numba.extending import intrinsic
 
 from fastlstm._config import jit
 
-try:  # POSIX; elsewhere one_row_plan never splits (AVAILABLE is False)
+try:  # POSIX; elsewhere one_row_plan never splits and tasks go to a plain pool
     _libc = ctypes.CDLL(None)
-    llvm.add_symbol("fastlstm_sched_yield", ctypes.cast(_libc.sched_yield, ctypes.c_void_p).value)
+    for _name in ("sched_yield", "clock_gettime"):
+        _address = ctypes.cast(getattr(_libc, _name), ctypes.c_void_p).value
+        llvm.add_symbol(f"fastlstm_{_name}", _address)
     AVAILABLE = True
 except (OSError, AttributeError, TypeError):
     AVAILABLE = False
 _sched_yield = types.ExternalFunction("fastlstm_sched_yield", types.int32())
+_clock_gettime = types.ExternalFunction(
+    "fastlstm_clock_gettime", types.int32(types.int32, types.voidptr)
+)
+_CLOCK_MONOTONIC = 1  # Linux's clockid
 
 SPINS_BEFORE_YIELD = 4000  # about 2-4 microseconds of polling
 
@@ -80,3 +91,41 @@ def _arrive_and_spin(counter, target):
 
 
 arrive_and_wait = jit(_arrive_and_wait if AVAILABLE else _arrive_and_spin)
+
+
+@jit(inline=True)
+def _now(clock):
+    _clock_gettime(_CLOCK_MONOTONIC, clock.ctypes)
+    return clock[0] * 1_000_000_000 + clock[1]
+
+
+@jit
+def hand_off(arrived, counter, target, nanoseconds, settle):
+    """Add 1 to arrived[0] (when ``arrived`` is not empty), then poll until counter[0] >=
+    target, for at most ``nanoseconds`` (monotonic clock); whether it got there. Once
+    there, go on polling the clock for ``settle`` ns before returning.
+
+    The helper threads' hand-off (:mod:`fastlstm._threads`), one function for every use
+    (one compilation): post a section (arrived = posted, target 0), wait for the tasks
+    (no arrival), end a task and wait for the next (arrived = done, counter = posted).
+    Called from Python, it holds no GIL while it polls, so the thread it waits for runs
+    on unhindered; after a few microseconds it yields the CPU between polls
+    (sched_yield), as the barrier does. Only where AVAILABLE."""
+    if arrived.shape[0] > 0:
+        _atomic_add(arrived, 1)
+    clock = np.zeros(2, dtype=np.int64)  # struct timespec: seconds, nanoseconds
+    start = _now(clock)
+    spins = 0
+    while _atomic_load(counter) < target:
+        spins += 1
+        if spins > SPINS_BEFORE_YIELD:
+            _sched_yield()
+        if spins % 64 == 0 and _now(clock) - start >= nanoseconds:
+            if _atomic_load(counter) < target:
+                return False
+            break
+    if settle > 0:
+        seen = _now(clock)
+        while _now(clock) - seen < settle:
+            pass
+    return True

@@ -122,17 +122,23 @@ class _Helpers:
     a task and starts polling for the next in one native call (the caller, polling
     ``done``, then finds the GIL free), and once it sees a new section it polls a few
     microseconds more (GIL_SETTLE_SECONDS) while the caller, which posted it holding the
-    GIL, goes into its own task's native code. An idle helper blocks on ``wake`` after
-    HELPER_SPIN_SECONDS (``sleeping`` tells the caller to notify it); a caller still
-    waiting after JOIN_SPIN_SECONDS naps between polls. One section at a time (``busy``).
+    GIL, goes into its own task's native code. An idle helper blocks on its gate after
+    HELPER_SPIN_SECONDS (the caller opens it when it posts); a caller still waiting after
+    JOIN_SPIN_SECONDS naps between polls. One section at a time (``busy``).
     """
 
     def __init__(self, count: int) -> None:
         self.count = count
         self.posted = np.zeros(1, np.int64)
         self.done = np.zeros(1, np.int64)
-        self.wake = threading.Condition()
-        self.sleeping = False
+        # An asleep helper blocks on its gate (a lock held until the caller releases it);
+        # ``guard`` orders "fall asleep" against "post": neither allocates, so a sleeping
+        # pool never touches the Python heap (a timed wait would, every time it wakes).
+        self.guard = threading.Lock()
+        self.asleep = [False] * count
+        self.gates = [threading.Lock() for _ in range(count)]
+        for gate in self.gates:
+            gate.acquire()
         self.busy = threading.Lock()
         self.work: list = [None] * count
         self.errors: list = [None] * count
@@ -140,19 +146,19 @@ class _Helpers:
             name = f"fastlstm-helper-{index}"
             threading.Thread(target=self._serve, args=(index,), name=name, daemon=True).start()
 
-    def _sleep_until(self, section: int) -> None:
-        with self.wake:
-            self.sleeping = True
-            while self.posted[0] < section:
-                self.wake.wait(0.05)
-            self.sleeping = False
+    def _sleep_until(self, index: int, section: int) -> None:
+        with self.guard:
+            if self.posted[0] >= section:
+                return
+            self.asleep[index] = True
+        self.gates[index].acquire()  # released by _post (after posted has grown)
 
     def _serve(self, index: int) -> None:
         spin = int(HELPER_SPIN_SECONDS * 1e9)
         settle = int(GIL_SETTLE_SECONDS * 1e9)
         section = 1
         if not sync.hand_off(_NONE, self.posted, section, spin, settle):
-            self._sleep_until(section)
+            self._sleep_until(index, section)
         while True:
             work = self.work[index]
             if work is _STOP:
@@ -165,13 +171,15 @@ class _Helpers:
                     self.errors[index] = error
             section += 1
             if not sync.hand_off(self.done, self.posted, section, spin, settle):
-                self._sleep_until(section)
+                self._sleep_until(index, section)
 
     def _post(self) -> None:
         sync.hand_off(self.posted, self.posted, 0, 0, 0)
-        if self.sleeping:
-            with self.wake:
-                self.wake.notify_all()
+        with self.guard:
+            for index, asleep in enumerate(self.asleep):
+                if asleep:
+                    self.asleep[index] = False
+                    self.gates[index].release()
 
     def run(self, function: Callable[..., None], tasks: Sequence[tuple]) -> list:
         """Run the tasks (at most count + 1), the first on this thread; their errors."""

@@ -52,13 +52,16 @@ from fastlstm._validate import check_shape, real_array
 State = tuple[np.ndarray, np.ndarray]
 _PEEPHOLE_CODES = {None: 0, "diagonal": 1, "full": 2}
 _LINE_BYTES = 64  # regions of the workspace start on a cache line
-# A stream of several rows may step them as two parts on two threads (when fastlstm has two
-# at its creation) from this many multiply-adds per step; None: never. Off by default:
-# measured on the project's shared 2-vCPU machine, handing a part to the pool thread and
-# waiting for it costs about 20 us, and with the other core busy the second part waits
-# for it (B = 16, H = 256: 174 us per step on one thread, 220 us in two parts; H = 512:
-# 666 against 752 us).
-PARALLEL_STEP_MACS: int | None = None
+# A stream of at least PARALLEL_STEP_MIN_ROWS rows steps them as two parts on two threads
+# (when fastlstm has two at its creation) from PARALLEL_STEP_MACS multiply-adds per step
+# (None: never). Measured on an AMD EPYC Zen 4 (2 vCPUs), LSTM(H, H), one part against two,
+# once the hand-off to the helper thread cost about 10 us (fastlstm._threads): B = 8,
+# H = 256 (4.2 M) 86 -> 58-66 us; B = 16, H = 128 (2.1 M) 45 -> 35-41; B = 32, H = 96
+# (2.4 M) 53 -> 38; B = 64, H = 64 (2.1 M) 51 -> 39; below about 2 M no gain (B = 16, H = 96:
+# 27 -> 29 us); with 2 rows a part none either (B = 4, H = 512: 171 both: each part
+# streams all the weights).
+PARALLEL_STEP_MACS: int | None = 2_000_000
+PARALLEL_STEP_MIN_ROWS = 8
 
 
 def _one_row(batch: int, hidden: int, dtype: np.dtype) -> bool:
@@ -131,7 +134,12 @@ class Stream:
         batch, hidden, out_size = self.batch_size, self.hidden_size, self._out_size
         macs = batch * 4 * hidden * sum(width + out_size for width in widths)
         threshold = PARALLEL_STEP_MACS
-        if threshold is not None and get_num_threads() >= 2 and batch >= 4 and macs >= threshold:
+        if (
+            threshold is not None
+            and get_num_threads() >= 2
+            and batch >= max(2, PARALLEL_STEP_MIN_ROWS)
+            and macs >= threshold
+        ):
             return 2
         return 1
 

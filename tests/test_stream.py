@@ -384,6 +384,7 @@ def test_rows_in_two_parts_on_two_threads(rng, monkeypatch, config):
     """A step may run its rows as two parts on two threads: the same bits as one part, and
     chunks (one thread) and steps mixed on such a stream agree with forward."""
     monkeypatch.setattr(fl.stream, "PARALLEL_STEP_MACS", 0)
+    monkeypatch.setattr(fl.stream, "PARALLEL_STEP_MIN_ROWS", 4)
     threads = fl.get_num_threads()
     fl.set_num_threads(2)
     try:
@@ -404,12 +405,37 @@ def test_rows_in_two_parts_on_two_threads(rng, monkeypatch, config):
     np.testing.assert_array_equal(split.state[1], c_n)
 
 
+def test_large_steps_take_two_parts_by_default_with_the_same_bits(rng):
+    """From PARALLEL_STEP_MACS multiply-adds a step and PARALLEL_STEP_MIN_ROWS rows, with two
+    threads, a stream steps its rows in two parts; fewer rows, less work or one thread:
+    one part. The parts give the bits of one part."""
+    hidden = 128
+    macs = 16 * 4 * hidden * (hidden + hidden)
+    assert macs >= fl.stream.PARALLEL_STEP_MACS and fl.stream.PARALLEL_STEP_MIN_ROWS <= 16
+    model = fl.LSTM(hidden, hidden, seed=0).eval()
+    threads = fl.get_num_threads()
+    try:
+        fl.set_num_threads(2)
+        split, few_rows = model.stream(16), model.stream(fl.stream.PARALLEL_STEP_MIN_ROWS - 1)
+        small = fl.LSTM(hidden // 4, hidden // 4, seed=0).eval().stream(16)
+        fl.set_num_threads(1)
+        one_thread = model.stream(16)
+    finally:
+        fl.set_num_threads(threads)
+    assert len(split._parts) == 2
+    assert len(few_rows._parts) == len(small._parts) == len(one_thread._parts) == 1
+    x = rng.standard_normal((20, 16, hidden)).astype(np.float32)
+    for t in range(x.shape[0]):
+        np.testing.assert_array_equal(split.step(x[t]), one_thread.step(x[t]), err_msg=f"{t}")
+
+
 def test_two_parts_never_share_rows_across_layers(rng, monkeypatch):
     """Parts run their rows through every layer without waiting for each other, so one may
     be at layer 0 (rows [x_t | h] of depth I + P) while the other is at layer 1 (depth
     H + P): their rows must not overlap in the shared scratch. Many steps, so that a race
     shows (with the rows at b * depth per layer, 7% of 8-step runs differed under v128)."""
     monkeypatch.setattr(fl.stream, "PARALLEL_STEP_MACS", 0)
+    monkeypatch.setattr(fl.stream, "PARALLEL_STEP_MIN_ROWS", 4)
     threads = fl.get_num_threads()
     fl.set_num_threads(2)
     try:

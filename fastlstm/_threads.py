@@ -131,6 +131,11 @@ class _Helpers:
         self.count = count
         self.posted = np.zeros(1, np.int64)
         self.done = np.zeros(1, np.int64)
+        # hand_off's targets: each helper's sections so far, the tasks the caller awaits,
+        # and a target of 0 (posting waits for nothing).
+        self.sections = np.zeros((count, 1), np.int64)
+        self.awaited = np.zeros(1, np.int64)
+        self.nothing = np.zeros(1, np.int64)
         # An asleep helper blocks on its gate (a lock held until the caller releases it);
         # ``guard`` orders "fall asleep" against "post": neither allocates, so a sleeping
         # pool never touches the Python heap (a timed wait would, every time it wakes).
@@ -146,9 +151,9 @@ class _Helpers:
             name = f"fastlstm-helper-{index}"
             threading.Thread(target=self._serve, args=(index,), name=name, daemon=True).start()
 
-    def _sleep_until(self, index: int, section: int) -> None:
+    def _sleep_until(self, index: int) -> None:
         with self.guard:
-            if self.posted[0] >= section:
+            if self.posted[0] >= self.sections[index, 0]:
                 return
             self.asleep[index] = True
         self.gates[index].acquire()  # released by _post (after posted has grown)
@@ -156,9 +161,9 @@ class _Helpers:
     def _serve(self, index: int) -> None:
         spin = int(HELPER_SPIN_SECONDS * 1e9)
         settle = int(GIL_SETTLE_SECONDS * 1e9)
-        section = 1
-        if not sync.hand_off(_NONE, self.posted, section, spin, settle):
-            self._sleep_until(index, section)
+        sections = self.sections[index]
+        if not sync.hand_off(_NONE, self.posted, sections, 1, spin, settle):
+            self._sleep_until(index)
         while True:
             work = self.work[index]
             if work is _STOP:
@@ -169,12 +174,15 @@ class _Helpers:
                     function(*task)
                 except BaseException as error:  # noqa: BLE001 (re-raised by the caller)
                     self.errors[index] = error
-            section += 1
-            if not sync.hand_off(self.done, self.posted, section, spin, settle):
-                self._sleep_until(index, section)
+                # Hold nothing of the task while waiting: its arrays belong to the caller
+                # (and a stream step with out= must leave nothing allocated behind).
+                function = task = None
+            work = None
+            if not sync.hand_off(self.done, self.posted, sections, 1, spin, settle):
+                self._sleep_until(index)
 
     def _post(self) -> None:
-        sync.hand_off(self.posted, self.posted, 0, 0, 0)
+        sync.hand_off(self.posted, self.posted, self.nothing, 0, 0, 0)
         with self.guard:
             for index, asleep in enumerate(self.asleep):
                 if asleep:
@@ -187,18 +195,22 @@ class _Helpers:
         for index in range(self.count):
             self.work[index] = (function, extra[index]) if index < len(extra) else None
             self.errors[index] = None
-        target = self.done[0] + self.count
         self._post()
         try:
             function(*tasks[0])
         finally:
             # Every task must end before this returns or raises: a task still running
             # would go on writing into the caller's arrays.
-            spin = int(JOIN_SPIN_SECONDS * 1e9)
-            while not sync.hand_off(_NONE, self.done, target, spin, 0):
-                spin = 0
+            spin, count = int(JOIN_SPIN_SECONDS * 1e9), self.count
+            while not sync.hand_off(_NONE, self.done, self.awaited, count, spin, 0):
+                spin, count = 0, 0
                 time.sleep(JOIN_NAP_SECONDS)
-        return list(self.errors)
+            for index in range(self.count):
+                self.work[index] = None
+        errors = [error for error in self.errors if error is not None]
+        for index in range(self.count):
+            self.errors[index] = None
+        return errors
 
     def stop(self) -> None:
         """End the helper threads (after the section in progress, if any)."""

@@ -277,6 +277,38 @@ def test_against_torch_lstm_and_cell(rng):
 # ------------------------------------------------------------------ allocation, threads
 
 
+def test_steps_in_two_parts_with_out_accumulate_nothing(rng):
+    """A stream stepping its rows in two parts on two threads: the hand-off makes a few
+    short-lived Python objects per step (the task tuples, the helper's call into its
+    native wait, alive while it waits), but nothing accumulates: 200 more steps leave the
+    traced memory as it was, with both threads at the same point of a step."""
+    threads = fl.get_num_threads()
+    try:
+        fl.set_num_threads(2)
+        stream = fl.LSTM(128, 128, seed=0).eval().stream(16)
+        assert len(stream._parts) == 2
+        x = rng.standard_normal((16, 128)).astype(np.float32)
+        out = np.empty((16, 128), np.float32)
+        for _ in range(5):
+            stream.step(x, out=out)
+        tracemalloc.start()
+        try:
+            for _ in range(100):
+                stream.step(x, out=out)
+            before = tracemalloc.take_snapshot()
+            for _ in range(200):
+                stream.step(x, out=out)
+            after = tracemalloc.take_snapshot()
+        finally:
+            tracemalloc.stop()
+    finally:
+        fl.set_num_threads(threads)
+    ignore = [tracemalloc.Filter(False, tracemalloc.__file__)]
+    after, before = after.filter_traces(ignore), before.filter_traces(ignore)
+    grown = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
+    assert grown == 0, f"200 steps in two parts with out= left {grown} more bytes allocated"
+
+
 @dtypes
 @pytest.mark.parametrize("batch", [1, 3])
 def test_step_with_out_allocates_nothing(rng, dtype, batch):

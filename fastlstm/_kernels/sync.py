@@ -100,28 +100,33 @@ def _now(clock):
 
 
 @jit
-def hand_off(arrived, counter, target, nanoseconds, settle):
-    """Add 1 to arrived[0] (when ``arrived`` is not empty), then poll until counter[0] >=
-    target, for at most ``nanoseconds`` (monotonic clock); whether it got there. Once
-    there, go on polling the clock for ``settle`` ns before returning.
+def hand_off(arrived, counter, target, step, nanoseconds, settle):
+    """Add 1 to arrived[0] (when ``arrived`` is not empty) and ``step`` to target[0], then
+    poll until counter[0] >= target[0], for at most ``nanoseconds`` (monotonic clock);
+    whether it got there. Once there, go on polling the clock for ``settle`` ns before
+    returning. (The target lives in an array so that the Python calling in a loop makes
+    no new integers: a stream step with out= allocates nothing.)
 
     The helper threads' hand-off (:mod:`fastlstm._threads`), one function for every use
-    (one compilation): post a section (arrived = posted, target 0), wait for the tasks
-    (no arrival), end a task and wait for the next (arrived = done, counter = posted).
+    (one compilation): post a section (arrived = posted, a target of 0), wait for the
+    tasks (no arrival), end a task and wait for the next (arrived = done, counter =
+    posted, the helper's own section count as the target).
     Called from Python, it holds no GIL while it polls, so the thread it waits for runs
     on unhindered; after a few microseconds it yields the CPU between polls
     (sched_yield), as the barrier does. Only where AVAILABLE."""
     if arrived.shape[0] > 0:
         _atomic_add(arrived, 1)
+    target[0] += step
+    goal = target[0]
     clock = np.zeros(2, dtype=np.int64)  # struct timespec: seconds, nanoseconds
     start = _now(clock)
     spins = 0
-    while _atomic_load(counter) < target:
+    while _atomic_load(counter) < goal:
         spins += 1
         if spins > SPINS_BEFORE_YIELD:
             _sched_yield()
         if spins % 64 == 0 and _now(clock) - start >= nanoseconds:
-            if _atomic_load(counter) < target:
+            if _atomic_load(counter) < goal:
                 return False
             break
     if settle > 0:

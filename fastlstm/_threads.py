@@ -145,6 +145,7 @@ class _Helpers:
         for gate in self.gates:
             gate.acquire()
         self.busy = threading.Lock()
+        self.stopped = False  # (under busy) a caller that finds it set uses the plain pool
         self.work: list = [None] * count
         self.errors: list = [None] * count
         for index in range(count):
@@ -215,6 +216,7 @@ class _Helpers:
     def stop(self) -> None:
         """End the helper threads (after the section in progress, if any)."""
         with self.busy:
+            self.stopped = True
             self.work = [_STOP] * self.count
             self._post()
 
@@ -237,6 +239,8 @@ def _run_on_helpers(function: Callable[..., None], tasks: Sequence[tuple]) -> bo
     if not helpers.busy.acquire(blocking=False):
         return False
     try:
+        if helpers.stopped:  # replaced by a larger set since we looked
+            return False
         errors = helpers.run(function, tasks)
     finally:
         helpers.busy.release()

@@ -134,6 +134,26 @@ def test_run_tasks_hands_every_section_to_the_helpers_awake_or_asleep(pause):
     assert all((ident == caller) == (part == 0) for _, part, ident in seen)
 
 
+def test_run_tasks_with_more_tasks_than_helpers_starts_more():
+    """Three tasks after two: a larger set of helpers replaces the first (which stops);
+    two tasks after that run on the larger set, its extra helper idle."""
+    from fastlstm import _threads
+
+    seen = []
+
+    def task(section, part):
+        seen.append((section, part, threading.get_ident()))
+
+    run_tasks(task, [(0, 0), (0, 1)])
+    run_tasks(task, [(1, 0), (1, 1), (1, 2)])
+    assert _threads._helpers.count >= 2
+    run_tasks(task, [(2, 0), (2, 1)])
+    assert sorted((s, p) for s, p, _ in seen) == [
+        (0, 0), (0, 1), (1, 0), (1, 1), (1, 2), (2, 0), (2, 1)
+    ]  # fmt: skip
+    assert len({ident for s, _, ident in seen if s == 1}) == 3  # on three threads
+
+
 def test_run_tasks_from_two_threads_at_once_runs_both():
     """A second calling thread finds the helpers busy and takes the plain pool."""
     results = {}

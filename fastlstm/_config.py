@@ -22,11 +22,17 @@ FASTMATH = {"nsz"}
 # differently, and results would then depend on how rows are split across threads.
 FASTMATH_REDUCTIONS = FASTMATH | {"reassoc", "contract"}
 
-# A layer's time loops use more than one thread (directions, batch row chunks or a one-row
-# batch's hidden units as tasks), and the GEMMs outside them more than one part, only
-# from this many multiply-adds in their products: below it, waking threads costs more than
-# it saves.
-PARALLEL_MIN_MACS = 4_000_000
+# A layer's time loops use more than one thread (directions or batch row chunks as tasks),
+# and the GEMMs outside them more than one part, only from this many multiply-adds in
+# their recurrent products: below it, handing work to the helper thread costs more than it
+# saves. Measured on an AMD EPYC Zen 4 (2 vCPUs) once a hand-off cost about 10 us
+# (fastlstm._threads), serial against two tasks: 2.0-2.1 M multiply-adds 1.09-1.34x
+# faster in two, 2.6-5.2 M 1.12-1.52x, 1.3-1.5 M 0.89-1.45x (4 M with the blocking pool).
+PARALLEL_MIN_MACS = 2_000_000
+# Loops split by hidden units (a batch of one row; weights beyond the cache) meet at a
+# barrier every step, and go parallel only from this many times PARALLEL_MIN_MACS (one
+# row, 3.1-3.7 M: 0.80-1.22x in two tasks).
+BARRIER_LOOP_MIN_FACTOR = 2
 
 # A layer's time loop projects each step's inputs itself (x_t W_ih^T next to h W_hh^T,
 # while the step's gate block is in cache) when one direction's W_ih and W_hh together

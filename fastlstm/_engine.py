@@ -25,6 +25,7 @@ import numpy as np
 
 from fastlstm import _kernels
 from fastlstm._config import (
+    BARRIER_LOOP_MIN_FACTOR,
     FUSED_MAX_WEIGHT_BYTES,
     PACKED_PROJECTION_BYTES,
     PARALLEL_MIN_MACS,
@@ -308,6 +309,13 @@ def _plan(steps: int, batch: int, directions: int, gates: int, out_size: int):
     return tasks, True
 
 
+def _barrier_min_macs() -> int:
+    """From how many recurrent multiply-adds a loop split by hidden units (a barrier per
+    step) runs on two threads: BARRIER_LOOP_MIN_FACTOR x PARALLEL_MIN_MACS, read at the
+    call (tests and ``fastlstm compile`` set PARALLEL_MIN_MACS here to force a route)."""
+    return BARRIER_LOOP_MIN_FACTOR * PARALLEL_MIN_MACS
+
+
 def one_row_plan(steps: int, directions: int, gates: int, out_size: int, chunks: int):
     """How to run a one-row batch's forward loops: (tasks, parties, run in parallel).
 
@@ -317,7 +325,7 @@ def one_row_plan(steps: int, directions: int, gates: int, out_size: int, chunks:
     """
     threads = get_num_threads()
     whole = [(d, 0, chunks) for d in range(directions)]
-    if threads < 2 or steps * directions * gates * out_size < PARALLEL_MIN_MACS:
+    if threads < 2 or steps * directions * gates * out_size < _barrier_min_macs():
         return whole, 1, False
     if directions == 1 and chunks >= 2 and sync.AVAILABLE:
         half = chunks // 2
@@ -515,7 +523,7 @@ def units_plan(steps: int, batch: int, layer: LayerArrays, fused: bool) -> list[
 
     Taken for one direction, a batch of several rows, the input projection outside the
     loop (weights beyond FUSED_MAX_WEIGHT_BYTES), no projection or full peephole, two
-    threads and a loop above PARALLEL_MIN_MACS. The ranges split at a whole panel.
+    threads and a loop above :func:`_barrier_min_macs`. The ranges split at a whole panel.
     """
     directions, gates, out_size = layer.w_hh.shape
     hidden = gates // 4
@@ -529,7 +537,7 @@ def units_plan(steps: int, batch: int, layer: LayerArrays, fused: bool) -> list[
         or get_num_threads() < 2
         or not sync.AVAILABLE
         or hidden < 2 * panel
-        or steps * batch * gates * out_size < PARALLEL_MIN_MACS
+        or steps * batch * gates * out_size < _barrier_min_macs()
     ):
         return []
     middle = hidden // 2 // panel * panel

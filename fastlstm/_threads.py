@@ -144,6 +144,9 @@ class _Helpers:
         self.gates = [threading.Lock() for _ in range(count)]
         for gate in self.gates:
             gate.acquire()
+        # (bound once: a bound method made at the wait would be an allocation alive for as
+        # long as the helper sleeps)
+        self.gate_waits = [gate.acquire for gate in self.gates]
         self.busy = threading.Lock()
         self.stopped = False  # (under busy) a caller that finds it set uses the plain pool
         self.work: list = [None] * count
@@ -157,7 +160,7 @@ class _Helpers:
             if self.posted[0] >= self.sections[index, 0]:
                 return
             self.asleep[index] = True
-        self.gates[index].acquire()  # released by _post (after posted has grown)
+        self.gate_waits[index]()  # released by _post (after posted has grown)
 
     def _serve(self, index: int) -> None:
         spin = int(HELPER_SPIN_SECONDS * 1e9)

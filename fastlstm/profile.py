@@ -222,10 +222,12 @@ def _plan_text(plan: dict[str, Any], threads_n: int) -> str:
         return f"{len(plan['tasks'])} parallel tasks on fastlstm's thread pool ({spans}); {blas}"
     if threads_n < 2:
         return f"serial on the calling thread (1 thread); {blas}"
-    if plan["macs"] < _config.PARALLEL_MIN_MACS:
+    factor = _config.BARRIER_LOOP_MIN_FACTOR if plan["one_row"] else 1
+    if plan["macs"] < factor * _config.PARALLEL_MIN_MACS:
+        times = f"{factor} x " if factor > 1 else ""
         return (
             f"serial on the calling thread ({plan['macs']:,} recurrent multiply-adds, fewer "
-            f"than PARALLEL_MIN_MACS = {_config.PARALLEL_MIN_MACS:,}); {blas}"
+            f"than {times}PARALLEL_MIN_MACS = {factor * _config.PARALLEL_MIN_MACS:,}); {blas}"
         )
     return f"serial on the calling thread; {blas}"
 

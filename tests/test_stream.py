@@ -279,9 +279,10 @@ def test_against_torch_lstm_and_cell(rng):
 
 def test_steps_in_two_parts_with_out_accumulate_nothing(rng):
     """A stream stepping its rows in two parts on two threads: the hand-off makes a few
-    short-lived Python objects per step (the task tuples, the helper's call into its
-    native wait, alive while it waits), but nothing accumulates: 200 more steps leave the
-    traced memory as it was, with both threads at the same point of a step."""
+    short-lived Python objects per step (the task tuples; the helper's call into its
+    native wait, alive while it waits, or its wait on its gate if a step came late), but
+    nothing accumulates: 2000 more steps leave the traced memory within what one step's
+    objects in flight take (a leak of one small object a step would show as 56 KB)."""
     threads = fl.get_num_threads()
     try:
         fl.set_num_threads(2)
@@ -296,7 +297,7 @@ def test_steps_in_two_parts_with_out_accumulate_nothing(rng):
             for _ in range(100):
                 stream.step(x, out=out)
             before = tracemalloc.take_snapshot()
-            for _ in range(200):
+            for _ in range(2000):
                 stream.step(x, out=out)
             after = tracemalloc.take_snapshot()
         finally:
@@ -306,7 +307,7 @@ def test_steps_in_two_parts_with_out_accumulate_nothing(rng):
     ignore = [tracemalloc.Filter(False, tracemalloc.__file__)]
     after, before = after.filter_traces(ignore), before.filter_traces(ignore)
     grown = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
-    assert grown == 0, f"200 steps in two parts with out= left {grown} more bytes allocated"
+    assert grown < 1024, f"2000 steps in two parts with out= left {grown} more bytes allocated"
 
 
 @dtypes

@@ -4,8 +4,9 @@
 :class:`CellStream`: an inference session over a snapshot of the model's weights. Creating
 one packs every layer's weights for the micro-kernels and lays out the state and all
 scratch in one array; a step is then one compiled call for all layers
-(:mod:`fastlstm._kernels.stream`) on the calling thread, with no packing, no threads to
-wake and, with ``out=``, no allocation at all.
+(:mod:`fastlstm._kernels.stream`) on the calling thread (a large step of many rows: its
+rows in two parts, the second on fastlstm's helper thread; see PARALLEL_STEP_MACS), with
+no packing and, with ``out=``, no array allocated.
 
 Numbers: those of the model in eval mode over the whole sequence (within float rounding),
 whether the sequence comes one step or a chunk of any size at a time.
@@ -98,9 +99,12 @@ class Stream:
 
     Notes
     -----
-    Each step runs every layer in one compiled call on the calling thread. One stream
-    serves one thread at a time; separate streams (of one model or several) may run in
-    separate threads at once. A stream never changes its model and applies no dropout.
+    Each step runs every layer in one compiled call on the calling thread (from
+    PARALLEL_STEP_MIN_ROWS rows and PARALLEL_STEP_MACS multiply-adds a step, with two
+    threads: the rows in two parts, the second on fastlstm's helper thread; the same
+    bits). One stream serves one thread at a time; separate streams (of one model or
+    several) may run in separate threads at once. A stream never changes its model and
+    applies no dropout.
     """
 
     _cell = False

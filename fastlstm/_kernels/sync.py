@@ -105,7 +105,7 @@ def hand_off(arrived, counter, target, step, nanoseconds, settle):
     poll until counter[0] >= target[0], for at most ``nanoseconds`` (monotonic clock);
     whether it got there. Once there, go on polling the clock for ``settle`` ns before
     returning. (The target lives in an array so that the Python calling in a loop makes
-    no new integers: a stream step with out= allocates nothing.)
+    no new integers: a stream's steps with out= leave nothing allocated.)
 
     The helper threads' hand-off (:mod:`fastlstm._threads`), one function for every use
     (one compilation): post a section (arrived = posted, a target of 0), wait for the

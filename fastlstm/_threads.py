@@ -231,7 +231,7 @@ def _run_on_helpers(function: Callable[..., None], tasks: Sequence[tuple]) -> bo
     """Run the tasks on the polling helpers; False (nothing run) when they are busy with
     another thread's section or polling is unavailable (then the plain pool runs them)."""
     global _helpers
-    if not sync.AVAILABLE:
+    if not sync.POLLING:
         return False
     with _lock:
         helpers = _helpers

@@ -154,6 +154,28 @@ def test_run_tasks_with_more_tasks_than_helpers_starts_more():
     assert len({ident for s, _, ident in seen if s == 1}) == 3  # on three threads
 
 
+def test_run_tasks_without_polling_takes_the_plain_pool(monkeypatch):
+    """Where the helpers cannot poll (not Linux), tasks go to a plain pool: the same
+    results, every task on its own thread, errors after every task."""
+    from fastlstm._kernels import sync
+
+    monkeypatch.setattr(sync, "POLLING", False)
+    seen = []
+
+    def task(part):
+        if part == 2:
+            raise KeyError("third")
+        time.sleep(0.01)
+        seen.append((part, threading.get_ident()))
+
+    run_tasks(task, [(0,), (1,)])
+    assert sorted(part for part, _ in seen) == [0, 1] and len({i for _, i in seen}) == 2
+    seen.clear()
+    with pytest.raises(KeyError, match="third"):
+        run_tasks(task, [(0,), (1,), (2,)])
+    assert sorted(part for part, _ in seen) == [0, 1]
+
+
 def test_run_tasks_from_two_threads_at_once_runs_both():
     """A second calling thread finds the helpers busy and takes the plain pool."""
     results = {}

@@ -20,6 +20,7 @@ consistent), the acquiring load makes the other's visible.
 from __future__ import annotations
 
 import ctypes
+import sys
 
 import llvmlite.binding as llvm
 import numpy as np
@@ -40,7 +41,9 @@ _sched_yield = types.ExternalFunction("fastlstm_sched_yield", types.int32())
 _clock_gettime = types.ExternalFunction(
     "fastlstm_clock_gettime", types.int32(types.int32, types.voidptr)
 )
-_CLOCK_MONOTONIC = 1  # Linux's clockid
+_CLOCK_MONOTONIC = 1  # Linux's clockid (other systems number their clocks otherwise)
+# The helper threads poll (hand_off) only on Linux; elsewhere they block at once.
+POLLING = AVAILABLE and sys.platform.startswith("linux")
 
 SPINS_BEFORE_YIELD = 4000  # about 2-4 microseconds of polling
 
@@ -113,13 +116,15 @@ def hand_off(arrived, counter, target, step, nanoseconds, settle):
     posted, the helper's own section count as the target).
     Called from Python, it holds no GIL while it polls, so the thread it waits for runs
     on unhindered; after a few microseconds it yields the CPU between polls
-    (sched_yield), as the barrier does. Only where AVAILABLE."""
+    (sched_yield), as the barrier does. Only where POLLING (Linux)."""
     if arrived.shape[0] > 0:
         _atomic_add(arrived, 1)
     target[0] += step
     goal = target[0]
     clock = np.zeros(2, dtype=np.int64)  # struct timespec: seconds, nanoseconds
-    start = _now(clock)
+    if _clock_gettime(_CLOCK_MONOTONIC, clock.ctypes) != 0:  # no such clock: no polling
+        return _atomic_load(counter) >= goal
+    start = clock[0] * 1_000_000_000 + clock[1]
     spins = 0
     while _atomic_load(counter) < goal:
         spins += 1

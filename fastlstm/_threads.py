@@ -136,6 +136,9 @@ class _Helpers:
         self.sections = np.zeros((count, 1), np.int64)
         self.awaited = np.zeros(1, np.int64)
         self.nothing = np.zeros(1, np.int64)
+        # hand_off's clock scratch: one per helper, one for the caller (one at a time: busy)
+        self.clocks = np.zeros((count + 1, 2), np.int64)
+        self.caller_clock = self.clocks[count]
         # An asleep helper blocks on its gate (a lock held until the caller releases it);
         # ``guard`` orders "fall asleep" against "post": neither allocates, so a sleeping
         # pool never touches the Python heap (a timed wait would, every time it wakes).
@@ -165,8 +168,8 @@ class _Helpers:
     def _serve(self, index: int) -> None:
         spin = int(HELPER_SPIN_SECONDS * 1e9)
         settle = int(GIL_SETTLE_SECONDS * 1e9)
-        sections = self.sections[index]
-        if not sync.hand_off(_NONE, self.posted, sections, 1, spin, settle):
+        sections, clock = self.sections[index], self.clocks[index]
+        if not sync.hand_off(_NONE, self.posted, sections, 1, spin, settle, clock):
             self._sleep_until(index)
         while True:
             work = self.work[index]
@@ -182,11 +185,11 @@ class _Helpers:
                 # (and a stream step with out= must leave nothing allocated behind).
                 function = task = None
             work = None
-            if not sync.hand_off(self.done, self.posted, sections, 1, spin, settle):
+            if not sync.hand_off(self.done, self.posted, sections, 1, spin, settle, clock):
                 self._sleep_until(index)
 
     def _post(self) -> None:
-        sync.hand_off(self.posted, self.posted, self.nothing, 0, 0, 0)
+        sync.hand_off(self.posted, self.posted, self.nothing, 0, 0, 0, self.caller_clock)
         with self.guard:
             for index, asleep in enumerate(self.asleep):
                 if asleep:
@@ -206,7 +209,8 @@ class _Helpers:
             # Every task must end before this returns or raises: a task still running
             # would go on writing into the caller's arrays.
             spin, count = int(JOIN_SPIN_SECONDS * 1e9), self.count
-            while not sync.hand_off(_NONE, self.done, self.awaited, count, spin, 0):
+            clock = self.caller_clock
+            while not sync.hand_off(_NONE, self.done, self.awaited, count, spin, 0, clock):
                 spin, count = 0, 0
                 time.sleep(JOIN_NAP_SECONDS)
             for index in range(self.count):

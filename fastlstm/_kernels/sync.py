@@ -23,7 +23,6 @@ import ctypes
 import sys
 
 import llvmlite.binding as llvm
-import numpy as np
 from numba import types
 from numba.extending import intrinsic
 
@@ -98,12 +97,14 @@ arrive_and_wait = jit(_arrive_and_wait if AVAILABLE else _arrive_and_spin)
 
 @jit(inline=True)
 def _now(clock):
-    _clock_gettime(_CLOCK_MONOTONIC, clock.ctypes)
+    """The monotonic clock in ns (``clock``: the struct timespec's two int64), -1 if none."""
+    if _clock_gettime(_CLOCK_MONOTONIC, clock.ctypes) != 0:
+        return -1
     return clock[0] * 1_000_000_000 + clock[1]
 
 
 @jit
-def hand_off(arrived, counter, target, step, nanoseconds, settle):
+def hand_off(arrived, counter, target, step, nanoseconds, settle, clock):
     """Add 1 to arrived[0] (when ``arrived`` is not empty) and ``step`` to target[0], then
     poll until counter[0] >= target[0], for at most ``nanoseconds`` (monotonic clock);
     whether it got there. Once there, go on polling the clock for ``settle`` ns before
@@ -113,7 +114,8 @@ def hand_off(arrived, counter, target, step, nanoseconds, settle):
     The helper threads' hand-off (:mod:`fastlstm._threads`), one function for every use
     (one compilation): post a section (arrived = posted, a target of 0), wait for the
     tasks (no arrival), end a task and wait for the next (arrived = done, counter =
-    posted, the helper's own section count as the target).
+    posted, the helper's own section count as the target). ``clock`` (2,) int64 is the
+    calling thread's own scratch for the time (no allocation per hand-off).
     Called from Python, it holds no GIL while it polls, so the thread it waits for runs
     on unhindered; after a few microseconds it yields the CPU between polls
     (sched_yield), as the barrier does. Only where POLLING (Linux)."""
@@ -121,10 +123,9 @@ def hand_off(arrived, counter, target, step, nanoseconds, settle):
         _atomic_add(arrived, 1)
     target[0] += step
     goal = target[0]
-    clock = np.zeros(2, dtype=np.int64)  # struct timespec: seconds, nanoseconds
-    if _clock_gettime(_CLOCK_MONOTONIC, clock.ctypes) != 0:  # no such clock: no polling
+    start = _now(clock)
+    if start < 0:  # no such clock: no polling
         return _atomic_load(counter) >= goal
-    start = clock[0] * 1_000_000_000 + clock[1]
     spins = 0
     while _atomic_load(counter) < goal:
         spins += 1

@@ -68,6 +68,8 @@ def layer_forward_rows(
     full = w_ch.shape[1] > 0
     ocol = d * out_size
     padded = any_padded(lengths, b0, b1, steps)
+    whole_rows = out.shape[2] == out_size  # one direction: out[t] rows are h's rows
+    out_flat = out.reshape(out.size)
     h = h0[d, b0:b1].copy()
     h_new = np.empty_like(h)
     c = c0[d, b0:b1].copy().reshape(units)
@@ -151,12 +153,16 @@ def layer_forward_rows(
                         c_new[r * hidden + j] = c[r * hidden + j]
                     for j in range(out_size):
                         h_new[r, j] = h[r, j]
-        for r in range(rows):
-            if t < lengths[b0 + r]:
-                copy1(out[t, b0 + r, ocol : ocol + out_size], h_new[r])
-            else:
-                for j in range(out_size):
-                    out[t, b0 + r, ocol + j] = 0
+        if whole_rows and not padded:  # out[t, b0:b1] is h_new's rows, in one block
+            start = (t * batch + b0) * out_size
+            copy1(out_flat[start : start + rows * out_size], h_new.reshape(rows * out_size))
+        else:
+            for r in range(rows):
+                if t < lengths[b0 + r]:
+                    copy1(out[t, b0 + r, ocol : ocol + out_size], h_new[r])
+                else:
+                    for j in range(out_size):
+                        out[t, b0 + r, ocol + j] = 0
         if training:
             copy1(cstate[d, t, lo:hi], c_new)
             if has_proj:

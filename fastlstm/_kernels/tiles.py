@@ -173,14 +173,18 @@ def _emit_tile(
         f"llvm.masked.store.v{lanes}f{bits}.p0",
     )
     masks = [_lane_mask(builder, lanes, valids[v]) for v in range(vectors)]
+    aligned = ir.Constant(i32, align)
+    stores = []
+    # Every load before any store: C's rows may be closer than a vector (H < lanes), and a
+    # load whose span overlaps a pending store's (even in masked-off lanes) waits for it.
     for r in range(rows):
         for v in range(vectors):
             where = builder.add(offsets[v], builder.mul(ldc, const(r)))
             pointer = builder.bitcast(builder.gep(c_ptr, [where]), vector.as_pointer())
-            aligned = ir.Constant(i32, align)
             previous = builder.call(masked_load, [pointer, aligned, masks[v], zero])
-            total = builder.fadd(previous, totals[r][v])
-            builder.call(masked_store, [total, pointer, aligned, masks[v]])
+            stores.append((builder.fadd(previous, totals[r][v]), pointer, masks[v]))
+    for total, pointer, mask in stores:
+        builder.call(masked_store, [total, pointer, aligned, mask])
 
 
 def _tile_signature(c, a, b, *extra):

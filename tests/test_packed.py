@@ -21,6 +21,15 @@ def expected_columns(w: np.ndarray, blocks: int) -> np.ndarray:
     width = total // blocks
     per_block = -(-width // lanes(w.dtype))
     out = np.zeros(packing.columns_shape(w.shape, blocks, w.itemsize), w.dtype)
+    if 0 < 2 * width <= lanes(w.dtype) and blocks % 4 == 0:  # two gates a vector
+        for d in range(directions):
+            for q in range(blocks // 2):
+                half = (q % 2) * lanes(w.dtype)
+                for part in range(2):
+                    first = (2 * q + part) * width
+                    lanes_at = half + part * width
+                    out[d, q // 2, :, lanes_at : lanes_at + width] = w[d, first : first + width].T
+        return out
     for d in range(directions):
         for q in range(blocks * per_block):
             block, col0 = divmod(q, per_block)
@@ -198,3 +207,35 @@ def test_products_add_a_times_w_for_every_row_block_and_width(dtype, vectors):
         products.product_ab(c, rows, a, 0, 0, inner, inner, packed, 0, 0, 1)
         np.testing.assert_allclose(c, expected, rtol=tolerance, atol=tolerance)
         assert np.array_equal(buffer[rows * width :], guard)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fraction", [1 / 16, 0.25, 0.5, 0.5625, 1, 1.25])
+def test_gate_major_products_touch_only_their_gates(dtype, fraction):
+    """C += A W^T into four gate blocks (pack_columns panels; blocks of at most half a
+    vector share vectors, wider ones do not), for every row count of a block: each gate's
+    rows equal NumPy's, and the gaps between and after the blocks are not written."""
+    rng = np.random.default_rng(int(fraction * 64))
+    width = max(1, int(fraction * lanes(dtype)))
+    assert tiles.shares_vectors(4, width, lanes(dtype)) == (2 * width <= lanes(dtype))
+    inner = 9
+    w = rng.standard_normal((1, 4 * width, inner)).astype(dtype)
+    packed = np.empty(packing.columns_shape(w.shape, 4, w.itemsize), dtype)
+    packing.pack_columns(packed, w, 4, 0)
+    tolerance = 1e-5 if dtype == np.float32 else 1e-12
+    for rows in range(1, 2 * tiles.ROWS + 2):
+        a = rng.standard_normal((rows, inner)).astype(dtype)
+        stride = rows * width + 3  # a gap of 3 after each gate block
+        buffer = rng.standard_normal(4 * stride + 2 * lanes(dtype)).astype(dtype)
+        before = buffer.copy()
+        products.product_abt(buffer, 0, stride, width, width, rows, a, 0, packed, 0, 4)
+        product = a.astype(np.float64) @ w[0].astype(np.float64).T
+        touched = np.zeros(buffer.shape, bool)
+        for g in range(4):
+            block = slice(g * stride, g * stride + rows * width)
+            expected = before[block].reshape(rows, width) + product[:, g * width : (g + 1) * width]
+            np.testing.assert_allclose(
+                buffer[block].reshape(rows, width), expected, rtol=tolerance, atol=tolerance
+            )
+            touched[block] = True
+        assert np.array_equal(buffer[~touched], before[~touched])

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 from llvmlite import ir
 from numba import types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, register_jitable
 
 from fastlstm._config import jit
-from fastlstm._kernels.tiles import ROW_VECTORS, VECTOR_BYTES, lanes_of
+from fastlstm._kernels.tiles import ROW_VECTORS, VECTOR_BYTES, lanes_of, shares_vectors
 
 
 def _shuffle_masks(lanes: int) -> list[list[tuple[int, int, list[int]]]]:
@@ -163,8 +163,16 @@ def columns_shape(w_shape: tuple, blocks: int, itemsize: int) -> tuple:
     directions, total, inner = w_shape
     lanes = VECTOR_BYTES // itemsize
     width = total // blocks if blocks > 0 else 0
-    count = blocks * ((width + lanes - 1) // lanes)
-    return (directions, (count + 1) // 2, inner, 2 * lanes)
+    return (directions, (vector_count(blocks, width, lanes) + 1) // 2, inner, 2 * lanes)
+
+
+@register_jitable
+def vector_count(blocks, width, lanes):
+    """How many vectors x W^T panels hold for ``blocks`` blocks of ``width`` columns: two
+    blocks a vector when :func:`shares_vectors`, else ceil(width / lanes) a block."""
+    if shares_vectors(blocks, width, lanes):
+        return blocks // 2
+    return blocks * ((width + lanes - 1) // lanes)
 
 
 def rows_shape(w_shape: tuple, itemsize: int) -> tuple:
@@ -183,7 +191,10 @@ def pack_columns(packed, w, blocks, k_first):
     The N output columns of each block (a gate) are grouped into vectors of ``lanes``
     (per_block = ceil(N / lanes) vectors per block, the last one zero-padded); vector q
     holds block q // per_block, columns (q % per_block) * lanes onward; panel p holds
-    vectors 2p and 2p + 1, its row k being W[., column, k]. Empty W gives empty panels.
+    vectors 2p and 2p + 1, its row k being W[., column, k]. Blocks of at most half a
+    vector go two to a vector instead (:func:`fastlstm._kernels.tiles.shares_vectors`):
+    vector q holds block 2q in lanes [0, N) and block 2q + 1 in [N, 2N). Empty W gives
+    empty panels.
     Every lane is written (zero past a block's end and in an odd count's last vector), so
     ``packed`` may hold anything before.
     """
@@ -205,13 +216,37 @@ def _pack_blocks(packed, w, blocks, k_first, first, width):
     directions, total, inner = w.shape
     block_width = total // blocks if blocks > 0 else 0
     lanes = lanes_of(w)
-    per_block = (width + lanes - 1) // lanes
-    count = blocks * per_block
     panels = packed.shape[1]
     depth = packed.shape[2]
     panel_width = 2 * lanes
     target = packed.reshape(packed.size)
     source = w.reshape(w.size)
+    if shares_vectors(blocks, width, lanes):
+        for d in range(directions):
+            for q in range(2 * panels):
+                t_off = ((d * panels + q // 2) * depth + k_first) * panel_width + (q % 2) * lanes
+                filled = 2 * width if q < blocks // 2 else 0  # an odd count's last: zeros
+                low = (d * total + 2 * q * block_width + first) * inner
+                high = low + block_width * inner
+                for k in range(inner):
+                    row = t_off + k * panel_width
+                    for j in range(filled // 2):
+                        target[row + j] = source[low + j * inner + k]
+                        target[row + width + j] = source[high + j * inner + k]
+                    for j in range(filled, lanes):
+                        target[row + j] = 0
+    else:
+        _pack_vectors(target, source, directions, total, inner, blocks, block_width, first,
+                      width, lanes, panels, depth, k_first)  # fmt: skip
+
+
+@jit(inline=True)
+def _pack_vectors(target, source, directions, total, inner, blocks, block_width, first, width,
+                  lanes, panels, depth, k_first):  # fmt: skip
+    """:func:`_pack_blocks` with ceil(width / lanes) vectors a block."""
+    per_block = (width + lanes - 1) // lanes
+    count = blocks * per_block
+    panel_width = 2 * lanes
     for d in range(directions):
         for q in range(2 * panels):
             block = q // per_block if per_block > 0 else 0

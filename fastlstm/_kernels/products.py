@@ -17,7 +17,14 @@ from __future__ import annotations
 import numpy as np
 
 from fastlstm._config import jit
-from fastlstm._kernels.tiles import lanes_of, row_blocks, row_tile, tile
+from fastlstm._kernels.tiles import (
+    lanes_of,
+    row_blocks,
+    row_tile,
+    shares_vectors,
+    tile,
+    tile_paired,
+)
 
 
 @jit(inline=True)
@@ -38,15 +45,35 @@ def _product_abt(flat, c_base, c_block_stride, ldc, width, rows, a_flat, a_base,
     Output block g's row r, column u is flat[c_base + g c_block_stride + r ldc + u]: the
     gate-major layout of the time loops (blocks are gates) or a plain row-major array (one
     block). Vectors past a block's end are masked in the tile: nothing else is touched.
+    Blocks of at most half a vector share vectors (as packed; see
+    :func:`fastlstm._kernels.tiles.shares_vectors`).
     """
     inner = packed.shape[2]
     lanes = lanes_of(a_flat)
     panel_width = 2 * lanes
-    per_block = (width + lanes - 1) // lanes
     b_flat = packed.reshape(packed.size)
-    count_vectors = blocks * per_block
     panels = packed.shape[1]
     count, base, extra = row_blocks(rows)
+    if shares_vectors(blocks, width, lanes):
+        # Vector q holds blocks 2q (lanes [0, width)) and 2q + 1 (lanes [width, 2 width),
+        # addressed from that block's start less width).
+        for p in range(panels):
+            b_off = (d * panels + p) * inner * panel_width
+            ahead = b_off + inner * panel_width if p + 1 < panels else b_off
+            off0 = c_base + 4 * p * c_block_stride
+            valid1 = width if 2 * p + 1 < blocks // 2 else 0
+            for i in range(count):
+                r0 = i * base + min(i, extra)
+                block = base + (1 if i < extra else 0)
+                shift = r0 * ldc + off0
+                tile_paired(
+                    flat, shift, shift + 2 * c_block_stride, ldc, a_flat, a_base + r0 * inner,
+                    inner, b_flat, b_off, panel_width, inner, block, width, valid1, ahead,
+                    width, shift + c_block_stride - width, shift + 3 * c_block_stride - width,
+                )  # fmt: skip
+        return
+    per_block = (width + lanes - 1) // lanes
+    count_vectors = blocks * per_block
     for p in range(panels):
         q0 = 2 * p
         block0 = q0 // per_block

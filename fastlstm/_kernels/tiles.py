@@ -32,7 +32,7 @@ import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
-from numba.extending import intrinsic
+from numba.extending import intrinsic, register_jitable
 
 from fastlstm._config import jit
 from fastlstm._cpu import VARIANT
@@ -47,27 +47,46 @@ ROW_VECTORS = VARIANT.row_vectors
 MIN_CHUNK_ROWS = min(ROWS, 5)
 
 
-def _lane_mask(builder, lanes: int, valid):
-    """<lanes x i1>: lane j is on when j < valid (an i64 value; any, even <= 0 or > lanes)."""
-    i64 = ir.IntType(64)
-    wide = ir.VectorType(i64, lanes)
+def _splat_i64(builder, lanes: int, value):
+    """<lanes x i64> of one i64 value."""
+    wide = ir.VectorType(ir.IntType(64), lanes)
     undef = ir.Constant(wide, ir.Undefined)
-    first = builder.insert_element(undef, valid, ir.Constant(ir.IntType(32), 0))
-    splat = builder.shuffle_vector(
+    first = builder.insert_element(undef, value, ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(
         first, undef, ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes)
     )
-    return builder.icmp_signed("<", ir.Constant(wide, list(range(lanes))), splat)
+
+
+def _lane_mask(builder, lanes: int, valid):
+    """<lanes x i1>: lane j is on when j < valid (an i64 value; any, even <= 0 or > lanes)."""
+    numbers = ir.Constant(ir.VectorType(ir.IntType(64), lanes), list(range(lanes)))
+    return builder.icmp_signed("<", numbers, _splat_i64(builder, lanes, valid))
+
+
+def _lane_range(builder, lanes: int, start, stop):
+    """<lanes x i1>: lane j is on when start <= j < stop (i64 values)."""
+    numbers = ir.Constant(ir.VectorType(ir.IntType(64), lanes), list(range(lanes)))
+    return builder.and_(
+        builder.icmp_signed(">=", numbers, _splat_i64(builder, lanes, start)),
+        builder.icmp_signed("<", numbers, _splat_i64(builder, lanes, stop)),
+    )
 
 
 def _emit_tile(
-    context, builder, sig, args, rows: int, vectors: int, prefetch: bool, valids: list
-) -> None:
+    context, builder, sig, args, rows: int, vectors: int, prefetch: bool, valids: list,
+    pairs: tuple | None = None,
+) -> None:  # fmt: skip
     """Emit C[r, vector v] += sum_k A[r, k] B[k, vector v] for r < rows at the builder's
     position (arguments as :func:`_tile_any`'s); the builder ends in the tile's last block.
 
     ``valids[v]`` (an i64 value) is how many lanes of C's vector v exist: the others are
     neither read nor written (masked loads and stores), so a vector past a gate's or a
-    row's end never touches a neighbour, which another thread may own."""
+    row's end never touches a neighbour, which another thread may own.
+
+    ``pairs`` = (split, [second offset of each vector]) (i64 values): when split > 0 each
+    vector holds two blocks, lanes [0, valid) at its offset and [split, split + valid)
+    at its second offset (an address for lane 0, so lane split lands on the second
+    block's first column); see :func:`shares_vectors`."""
     c_arr, c_off0, c_off1, ldc, a_arr, a_off, lda, b_arr, b_off, ldb, kc = args[:11]
     is64 = sig.args[0].dtype == types.float64
     scalar = ir.DoubleType() if is64 else ir.FloatType()
@@ -174,17 +193,47 @@ def _emit_tile(
     )
     masks = [_lane_mask(builder, lanes, valids[v]) for v in range(vectors)]
     aligned = ir.Constant(i32, align)
-    stores = []
-    # Every load before any store: C's rows may be closer than a vector (H < lanes), and a
-    # load whose span overlaps a pending store's (even in masked-off lanes) waits for it.
-    for r in range(rows):
-        for v in range(vectors):
-            where = builder.add(offsets[v], builder.mul(ldc, const(r)))
-            pointer = builder.bitcast(builder.gep(c_ptr, [where]), vector.as_pointer())
-            previous = builder.call(masked_load, [pointer, aligned, masks[v], zero])
-            stores.append((builder.fadd(previous, totals[r][v]), pointer, masks[v]))
-    for total, pointer, mask in stores:
-        builder.call(masked_store, [total, pointer, aligned, mask])
+
+    def pointer_at(offset, r):
+        where = builder.add(offset, builder.mul(ldc, const(r)))
+        return builder.bitcast(builder.gep(c_ptr, [where]), vector.as_pointer())
+
+    def add_into_c(segments):
+        """C += totals over ``segments`` [(offsets, masks)] of disjoint lanes. Every load
+        before any store: C's rows may be closer than a vector (H < lanes), and a load
+        whose span overlaps a pending store's (even in masked-off lanes) waits for it
+        (measured on a Zen 4 at H = 8: the seed shape's products 3.4 -> 2.4 us a step)."""
+        stores = []
+        for r in range(rows):
+            for v in range(vectors):
+                pointers = [(pointer_at(offs[v], r), seg_masks[v]) for offs, seg_masks in segments]
+                previous = None
+                for pointer, mask in pointers:
+                    value = builder.call(masked_load, [pointer, aligned, mask, zero])
+                    previous = value if previous is None else builder.select(mask, value, previous)
+                total = builder.fadd(previous, totals[r][v])
+                stores.extend((total, pointer, mask) for pointer, mask in pointers)
+        for total, pointer, mask in stores:
+            builder.call(masked_store, [total, pointer, aligned, mask])
+
+    if pairs is None:
+        add_into_c([(offsets, masks)])
+        return
+    split, second = pairs
+    plain = builder.append_basic_block(f"tile{rows}x{vectors}.plain")
+    paired = builder.append_basic_block(f"tile{rows}x{vectors}.paired")
+    end = builder.append_basic_block(f"tile{rows}x{vectors}.end")
+    builder.cbranch(builder.icmp_signed(">", split, const(0)), paired, plain)
+    builder.position_at_end(plain)
+    add_into_c([(offsets, masks)])
+    builder.branch(end)
+    builder.position_at_end(paired)
+    # lanes [split, split + valid): on from split, off from split + valid
+    upper = [_lane_range(builder, lanes, split, builder.add(split, valids[v]))
+             for v in range(vectors)]  # fmt: skip
+    add_into_c([(offsets, masks), (second, upper)])
+    builder.branch(end)
+    builder.position_at_end(end)
 
 
 def _tile_signature(c, a, b, *extra):
@@ -198,7 +247,7 @@ def _tile_signature(c, a, b, *extra):
 @intrinsic
 def _tile_any(
     typingctx, c, c_off0, c_off1, ldc, a, a_off, lda, b, b_off, ldb, kc, rows, valid0, valid1,
-    pf_off,
+    pf_off, split, c_off0b, c_off1b,
 ):  # fmt: skip
     """C[r, vector v] += sum_k A[r, k] B[k, vector v] for r < rows (1..ROWS) and the panel's
     two vectors v: one register-blocked loop per row count, chosen by a switch.
@@ -213,8 +262,12 @@ def _tile_any(
     cache for b[pf_off + k ldb] (the next panel, while this one is multiplied; pass b_off
     when there is none): weights streamed from memory are then near when their turn comes
     (measured on a Zen 3 at 32 rows x 1024 x 4096: 139 -> 153 GFLOP/s).
+
+    With split > 0, each vector v holds two blocks (:func:`shares_vectors`): lanes
+    [0, valid_v) go to c_off_v as above, lanes [split, split + valid_v) to c_off_vb +
+    split onward (c_off_vb addresses lane 0). Pass split = 0 (and any offsets) otherwise.
     """
-    signature = _tile_signature(c, a, b, *(types.intp,) * 4)
+    signature = _tile_signature(c, a, b, *(types.intp,) * 7)
     if signature is None:
         return None
 
@@ -236,7 +289,9 @@ def _tile_any(
             _emit_tile(context, builder, sig, tile_args, rows, 1, True, [args[12]])
             builder.branch(after)
             builder.position_at_end(two_vectors)
-            _emit_tile(context, builder, sig, tile_args, rows, 2, True, [args[12], args[13]])
+            pairs = (args[15], [args[16], args[17]])
+            _emit_tile(context, builder, sig, tile_args, rows, 2, True, [args[12], args[13]],
+                       pairs)  # fmt: skip
             builder.branch(after)
         builder.position_at_end(after)
         return context.get_dummy_value()
@@ -287,18 +342,40 @@ def tile(c, c_off0, c_off1, ldc, a, a_off, lda, b, b_off, ldb, kc, rows, valid0,
     """C[r, v] += A[r, :kc] B[:kc, v] for r < rows (at most ROWS) and a panel's two vectors,
     valid0 and valid1 lanes of them; see :func:`_tile_any`. Integers pass through np.intp
     (see the products below)."""
+    tile_paired(c, c_off0, c_off1, ldc, a, a_off, lda, b, b_off, ldb, kc, rows, valid0,
+                valid1, pf_off, 0, 0, 0)  # fmt: skip
+
+
+@jit(inline=True)
+def tile_paired(
+    c, c_off0, c_off1, ldc, a, a_off, lda, b, b_off, ldb, kc, rows, valid0, valid1, pf_off,
+    split, c_off0b, c_off1b,
+):  # fmt: skip
+    """:func:`tile` whose vectors may each hold two blocks (split > 0; see :func:`_tile_any`)."""
     _tile(
         c, np.intp(c_off0), np.intp(c_off1), np.intp(ldc), a, np.intp(a_off), np.intp(lda),
         b, np.intp(b_off), np.intp(ldb), np.intp(kc), np.intp(rows), np.intp(valid0),
-        np.intp(valid1), np.intp(pf_off),
+        np.intp(valid1), np.intp(pf_off), np.intp(split), np.intp(c_off0b), np.intp(c_off1b),
     )  # fmt: skip
 
 
 @jit
-def _tile(c, c_off0, c_off1, ldc, a, a_off, lda, b, b_off, ldb, kc, rows, valid0, valid1, pf_off):
+def _tile(c, c_off0, c_off1, ldc, a, a_off, lda, b, b_off, ldb, kc, rows, valid0, valid1, pf_off,
+          split, c_off0b, c_off1b):  # fmt: skip
     """:func:`tile`, compiled once per dtype: the tiles' IR is made and optimised once."""
     _tile_any(c, c_off0, c_off1, ldc, a, a_off, lda, b, b_off, ldb, kc, rows, valid0, valid1,
-              pf_off)  # fmt: skip
+              pf_off, split, c_off0b, c_off1b)  # fmt: skip
+
+
+@register_jitable
+def shares_vectors(blocks, width, lanes):
+    """Whether x W^T panels put two blocks (gates) of ``width`` columns in each vector,
+    block 2j in lanes [0, width) and block 2j + 1 in [width, 2 width): blocks of at most
+    half a vector, four of them (or a multiple: whole panels). Each would otherwise fill
+    half a vector or less and the tile would spend its multiply-adds on zero lanes (the
+    seed shape: H = 8 of 16 float32 lanes). Packers and products both ask this, so they
+    agree."""
+    return blocks % 4 == 0 and width > 0 and 2 * width <= lanes
 
 
 @jit(inline=True)

@@ -20,7 +20,9 @@ vectors has its own base offset, so a panel may span two gates (small H: one vec
 gate) and the forward product adds straight into ``xp[d, gate, t]`` with no scratch.
 Columns are grouped per gate into vectors (padded with zero columns at a gate's end);
 the lanes of a vector past a gate's end are masked (neither read nor written), so no
-write touches a neighbouring row (which another thread may own).
+write touches a neighbouring row (which another thread may own). Gates of at most half a
+vector share one, two to a vector (:func:`shares_vectors`; each half masked to its own
+gate), so that a small H does not leave half of every multiply-add on zero lanes.
 
 Each row's sums run over k in the same order whatever the row block, so results do not
 depend on how rows are split across threads.

@@ -13,6 +13,7 @@ from pathlib import Path
 import numba
 from numba.core.caching import FunctionCache
 
+from fastlstm._blas_choice import BLAS
 from fastlstm._cpu import CPU, VARIANT
 
 FASTMATH = {"nsz"}
@@ -68,11 +69,12 @@ MERGED_GRADIENT_NARROW = 256
 
 
 def _kernel_key() -> str:
-    """What compiled kernels depend on beyond their own function's code: the kernel variant
-    and the package's private modules, the kernel layer's included (intrinsics, helpers
-    and constants that kernels inline). Numba's cache checks only a function's own
-    bytecode and its CPU."""
-    digest = hashlib.sha256(repr(VARIANT).encode())
+    """What compiled kernels depend on beyond their own function's code: the kernel variant,
+    the BLAS library they call and the package's private modules, the kernel layer's
+    included (intrinsics, helpers and constants that kernels inline). Numba's cache checks
+    only a function's own bytecode and its CPU."""
+    # The BLAS's integer width is compiled into the calls (fastlstm._kernels.blas).
+    digest = hashlib.sha256(repr((VARIANT, BLAS)).encode())
     root = Path(__file__).parent
     for path in sorted([*root.glob("_*.py"), *root.glob("_kernels/*.py")]):
         digest.update(path.relative_to(root).as_posix().encode())

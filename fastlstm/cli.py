@@ -251,7 +251,8 @@ def _run_info(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import os
 
     import fastlstm
-    from fastlstm import _config, _cpu
+    from fastlstm import _blas_choice, _config, _cpu
+    from fastlstm._blas_choice import BLAS
 
     report = _cpu.info()
     report["thresholds"] = {
@@ -260,6 +261,8 @@ def _run_info(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         "parallel_min_macs": _config.PARALLEL_MIN_MACS,
     }
     report["threads"] = fastlstm.get_num_threads()
+    report["kernel_blas"] = {"source": BLAS.source, "library": BLAS.description,
+                             "integer_bits": BLAS.integer_bits}  # fmt: skip
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -274,6 +277,8 @@ def _run_info(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         f"{_config.PACKED_PROJECTION_BYTES >> 10} KiB of rows (half of L2)",
         f"threads: {report['threads']} (fastlstm.set_num_threads sets fastlstm's, Numba's "
         "and the BLAS's)",
+        f"kernels call the BLAS of {BLAS.description}, {BLAS.integer_bits}-bit integers "
+        f"({_blas_choice.ENV_BLAS}=numpy|scipy forces one)",
     ]
     print("\n".join(lines))
     return 0

@@ -1,10 +1,11 @@
 """Direct BLAS calls from @njit code, without copies or per-call allocation.
 
 NumPy's ``np.dot`` inside Numba allocates its result (or needs contiguous operands) and
-cannot accumulate. Here the ``sgemm``/``dgemm`` that SciPy exports for Cython are
-registered as LLVM symbols, so compiled kernels call them by name: that keeps
-``cache=True`` working (a raw ctypes pointer would be baked into the cached code) and
-lets a kernel write a strided block (one direction's columns) with ``beta=1``.
+cannot accumulate. Here the ``sgemm``/``dgemm`` of the library :mod:`fastlstm._blas_choice`
+picks (NumPy's bundled OpenBLAS, or what SciPy exports for Cython) are registered as LLVM
+symbols, so compiled kernels call them by name: that keeps ``cache=True`` working (a raw
+pointer would be baked into the cached code) and lets a kernel write a strided block (one
+direction's columns) with ``beta=1``.
 
 All helpers take row-major 2-D arrays whose last axis is contiguous; row strides may be
 larger than the row length. BLAS is column-major, so C = A @ B^T is computed as
@@ -17,14 +18,17 @@ import llvmlite.binding as llvm
 import numpy as np
 from numba import types
 from numba.core import cgutils
-from numba.extending import get_cython_function_address, intrinsic, overload
+from numba.extending import intrinsic, overload
 
+from fastlstm._blas_choice import BLAS
 from fastlstm._config import jit
 
-for _name in ("sgemm", "dgemm", "sgemv", "dgemv"):
-    llvm.add_symbol(
-        f"fastlstm_{_name}", get_cython_function_address("scipy.linalg.cython_blas", _name)
-    )
+# The routines of the library fastlstm._blas_choice picked (NumPy's OpenBLAS or SciPy's),
+# registered by name each process: cached code refers to the names, not the addresses.
+for _name, _address in BLAS.addresses.items():
+    llvm.add_symbol(f"fastlstm_{_name}", _address)
+# BLAS takes every integer by reference, 64 bits wide for an ILP64 library.
+_BLAS_INT = np.int64 if BLAS.integer_bits == 64 else np.int32
 _GEMM_SIGNATURE = types.void(*([types.voidptr] * 13))
 _sgemm = types.ExternalFunction("fastlstm_sgemm", _GEMM_SIGNATURE)
 _dgemm = types.ExternalFunction("fastlstm_dgemm", _GEMM_SIGNATURE)
@@ -65,17 +69,17 @@ def _xgemm_impl(transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
         gemm(
             _address_of(transa),
             _address_of(transb),
-            _address_of(np.int32(m)),
-            _address_of(np.int32(n)),
-            _address_of(np.int32(k)),
+            _address_of(_BLAS_INT(m)),
+            _address_of(_BLAS_INT(n)),
+            _address_of(_BLAS_INT(k)),
             _address_of(scalar(alpha)),
             a.ctypes,
-            _address_of(np.int32(lda)),
+            _address_of(_BLAS_INT(lda)),
             b.ctypes,
-            _address_of(np.int32(ldb)),
+            _address_of(_BLAS_INT(ldb)),
             _address_of(scalar(beta)),
             c.ctypes,
-            _address_of(np.int32(ldc)),
+            _address_of(_BLAS_INT(ldc)),
         )
 
     return impl
@@ -93,16 +97,16 @@ def _xgemv_impl(trans, m, n, alpha, a, lda, x, beta, y):
     def impl(trans, m, n, alpha, a, lda, x, beta, y):
         gemv(
             _address_of(trans),
-            _address_of(np.int32(m)),
-            _address_of(np.int32(n)),
+            _address_of(_BLAS_INT(m)),
+            _address_of(_BLAS_INT(n)),
             _address_of(scalar(alpha)),
             a.ctypes,
-            _address_of(np.int32(lda)),
+            _address_of(_BLAS_INT(lda)),
             x.ctypes,
-            _address_of(np.int32(1)),
+            _address_of(_BLAS_INT(1)),
             _address_of(scalar(beta)),
             y.ctypes,
-            _address_of(np.int32(1)),
+            _address_of(_BLAS_INT(1)),
         )
 
     return impl

@@ -65,6 +65,7 @@ import threadpoolctl
 
 import fastlstm as fl
 from fastlstm import _cpu, peers
+from fastlstm._blas_choice import BLAS
 
 MODES = ("forward", "train")
 VARIANTS = ("standard", "diagonal", "full", "proj")
@@ -493,6 +494,7 @@ def machine_info() -> dict[str, Any]:
         "cpu": _cpu.info(),
         "peers": peers.available_peers(),
         "threadpools": blas,
+        "kernel_blas": BLAS.description,
     }
 
 
@@ -613,6 +615,7 @@ def format_table(result: dict[str, Any]) -> str:
         f"machine: {machine['cpu_count']} CPUs; {config['dtype']} GEMM (a @ b, n=2048): "
         f"{result['gemm_gflops']:.1f} GFLOP/s; numba {machine['numba']}; "
         f"BLAS {blas_text or '?'}; peers {peer_text}",
+        f"fastlstm's kernels call {machine.get('kernel_blas', '?')}",
         "ratio = peer time / fastlstm time (> 1: fastlstm faster); GFLOP/s and % GEMM are "
         "fastlstm's; 1st call = compile or cache load (fastlstm), set-up + first call (peer)",
         "",

@@ -535,6 +535,7 @@ def format_profile(result: dict[str, Any]) -> str:
         f"CPU: {cpu_text(machine)}",
         f"Numba threading layer: {machine['numba_threading_layer']} ({numba_use})",
         f"time loops: {_plan_text(plan, config['threads'])}",
+        f"kernels' BLAS calls go to {machine.get('kernel_blas', '?')}",
         "thread pools (threadpoolctl.threadpool_info(), during the run):",
     ]
     for pool in machine["threadpools"]:

@@ -103,9 +103,10 @@ def _transpose_block(typingctx, dst, dst_off, ld_dst, src, src_off, ld_src):
 def _transpose_rows(target, t_off, ld_target, source, s_off, ld_source, inner, valid, lanes):
     """target[t_off + k ld_target + j] = source[s_off + j ld_source + k] for k < inner and
     j < lanes (zero for j >= valid): ``valid`` rows of W, each ``inner`` long, become
-    ``inner`` rows of one SIMD vector. Whole rows go through the register transpose."""
+    ``inner`` rows of one SIMD vector (or of its last ``lanes`` lanes). Whole rows of a
+    whole vector go through the register transpose."""
     k0 = 0
-    if valid == lanes:
+    if valid == lanes and lanes == lanes_of(target):
         while k0 + lanes <= inner:
             _transpose_block(
                 target, t_off + k0 * ld_target, ld_target, source, s_off + k0, ld_source
@@ -221,40 +222,28 @@ def _pack_blocks(packed, w, blocks, k_first, first, width):
     panel_width = 2 * lanes
     target = packed.reshape(packed.size)
     source = w.reshape(w.size)
-    if shares_vectors(blocks, width, lanes):
-        for d in range(directions):
-            for q in range(2 * panels):
-                t_off = ((d * panels + q // 2) * depth + k_first) * panel_width + (q % 2) * lanes
-                filled = 2 * width if q < blocks // 2 else 0  # an odd count's last: zeros
-                low = (d * total + 2 * q * block_width + first) * inner
-                high = low + block_width * inner
-                for k in range(inner):
-                    row = t_off + k * panel_width
-                    for j in range(filled // 2):
-                        target[row + j] = source[low + j * inner + k]
-                        target[row + width + j] = source[high + j * inner + k]
-                    for j in range(filled, lanes):
-                        target[row + j] = 0
-    else:
-        _pack_vectors(target, source, directions, total, inner, blocks, block_width, first,
-                      width, lanes, panels, depth, k_first)  # fmt: skip
-
-
-@jit(inline=True)
-def _pack_vectors(target, source, directions, total, inner, blocks, block_width, first, width,
-                  lanes, panels, depth, k_first):  # fmt: skip
-    """:func:`_pack_blocks` with ceil(width / lanes) vectors a block."""
+    paired = shares_vectors(blocks, width, lanes)
+    # Vector q holds block q // per_block, or blocks 2q and 2q + 1 when paired.
     per_block = (width + lanes - 1) // lanes
-    count = blocks * per_block
-    panel_width = 2 * lanes
+    count = blocks // 2 if paired else blocks * per_block
     for d in range(directions):
         for q in range(2 * panels):
-            block = q // per_block if per_block > 0 else 0
-            col0 = (q - block * per_block) * lanes
-            valid = min(lanes, width - col0) if q < count else 0
             t_off = ((d * panels + q // 2) * depth + k_first) * panel_width + (q % 2) * lanes
-            s_off = (d * total + block * block_width + first + col0) * inner
-            _transpose_rows(target, t_off, panel_width, source, s_off, inner, inner, valid, lanes)
+            if paired:
+                s_off = (d * total + 2 * q * block_width + first) * inner
+                valid = width if q < count else 0
+            else:
+                block = q // per_block if per_block > 0 else 0
+                col0 = (q - block * per_block) * lanes
+                valid = min(lanes, width - col0) if q < count else 0
+                s_off = (d * total + block * block_width + first + col0) * inner
+            # Paired: the second block's rows go to lanes width onward, zeros after them
+            # (one call site: the transposes are compiled once).
+            for half in range(2 if paired else 1):
+                _transpose_rows(
+                    target, t_off + half * width, panel_width, source,
+                    s_off + half * block_width * inner, inner, inner, valid, lanes - half * width,
+                )  # fmt: skip
 
 
 @jit

@@ -54,47 +54,46 @@ def _product_abt(flat, c_base, c_block_stride, ldc, width, rows, a_flat, a_base,
     b_flat = packed.reshape(packed.size)
     panels = packed.shape[1]
     count, base, extra = row_blocks(rows)
-    if shares_vectors(blocks, width, lanes):
-        # Vector q holds blocks 2q (lanes [0, width)) and 2q + 1 (lanes [width, 2 width),
-        # addressed from that block's start less width).
-        for p in range(panels):
-            b_off = (d * panels + p) * inner * panel_width
-            ahead = b_off + inner * panel_width if p + 1 < panels else b_off
-            off0 = c_base + 4 * p * c_block_stride
-            valid1 = width if 2 * p + 1 < blocks // 2 else 0
-            for i in range(count):
-                r0 = i * base + min(i, extra)
-                block = base + (1 if i < extra else 0)
-                shift = r0 * ldc + off0
-                tile_paired(
-                    flat, shift, shift + 2 * c_block_stride, ldc, a_flat, a_base + r0 * inner,
-                    inner, b_flat, b_off, panel_width, inner, block, width, valid1, ahead,
-                    width, shift + c_block_stride - width, shift + 3 * c_block_stride - width,
-                )  # fmt: skip
-        return
+    # Vector q holds block q // per_block, columns (q % per_block) lanes onward; or, when
+    # blocks share vectors, blocks 2q (lanes [0, width)) and 2q + 1 (lanes [width,
+    # 2 width), addressed from that block's start less width). One call of the tile
+    # below for both (the tile is compiled into each caller: one copy, not two).
+    paired = shares_vectors(blocks, width, lanes)
     per_block = (width + lanes - 1) // lanes
-    count_vectors = blocks * per_block
+    count_vectors = blocks // 2 if paired else blocks * per_block
+    split = width if paired else 0
     for p in range(panels):
         q0 = 2 * p
-        block0 = q0 // per_block
-        col0 = (q0 - block0 * per_block) * lanes
-        off0 = c_base + block0 * c_block_stride + col0
-        valid0 = min(lanes, width - col0)
+        if paired:
+            off0 = c_base + 2 * q0 * c_block_stride
+            valid0 = width
+        else:
+            block0 = q0 // per_block
+            col0 = (q0 - block0 * per_block) * lanes
+            off0 = c_base + block0 * c_block_stride + col0
+            valid0 = min(lanes, width - col0)
         off1 = off0
         valid1 = 0  # an odd count's last panel has one vector
         if q0 + 1 < count_vectors:
-            block1 = (q0 + 1) // per_block
-            col1 = (q0 + 1 - block1 * per_block) * lanes
-            off1 = c_base + block1 * c_block_stride + col1
-            valid1 = min(lanes, width - col1)
+            if paired:
+                off1 = off0 + 2 * c_block_stride
+                valid1 = width
+            else:
+                block1 = (q0 + 1) // per_block
+                col1 = (q0 + 1 - block1 * per_block) * lanes
+                off1 = c_base + block1 * c_block_stride + col1
+                valid1 = min(lanes, width - col1)
         b_off = (d * panels + p) * inner * panel_width
         ahead = b_off + inner * panel_width if p + 1 < panels else b_off
         for i in range(count):
             r0 = i * base + min(i, extra)
             block = base + (1 if i < extra else 0)
             shift = r0 * ldc
-            tile(flat, off0 + shift, off1 + shift, ldc, a_flat, a_base + r0 * inner, inner,
-                 b_flat, b_off, panel_width, inner, block, valid0, valid1, ahead)  # fmt: skip
+            tile_paired(
+                flat, off0 + shift, off1 + shift, ldc, a_flat, a_base + r0 * inner, inner,
+                b_flat, b_off, panel_width, inner, block, valid0, valid1, ahead, split,
+                off0 + shift + c_block_stride - width, off1 + shift + c_block_stride - width,
+            )  # fmt: skip
 
 
 @jit(inline=True)

@@ -5,17 +5,13 @@ FASTLSTM_BLAS set runs the BLAS-heavy tests again with the other."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from utils import pytest_in_fresh_interpreter
 
 from fastlstm import _blas_choice, _config
 from fastlstm._blas_choice import BLAS, ENV_BLAS, choose
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def usable_routes() -> list[str]:
@@ -85,22 +81,12 @@ def test_older_numpy_openblas_is_not_the_default(monkeypatch):
 def test_gradients_through_the_other_blas(route):
     """The BLAS-heavy gradient tests pass with the kernels calling the other library (its
     integer width compiled in), which really is the one that ran."""
-    env = dict(os.environ, **{ENV_BLAS: route})
-    probe = subprocess.run(
-        [sys.executable, "-c", "from fastlstm._blas_choice import BLAS; print(BLAS.source)"],
-        env=env, cwd=ROOT, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert probe.returncode == 0, probe.stderr
-    assert probe.stdout.strip() == route
     selection = "weight_gradients_over_many_rows or backward_matches_torch_f32 or unbatched"
-    run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-         "tests/test_lstm_backward.py", "-k", selection],
-        env=env, cwd=ROOT, capture_output=True, text=True, timeout=1800,
+    pytest_in_fresh_interpreter(
+        dict(os.environ, **{ENV_BLAS: route}),
+        "from fastlstm._blas_choice import BLAS; print(BLAS.source)", route,
+        ["tests/test_lstm_backward.py", "-k", selection], timeout=1800,
     )  # fmt: skip
-    tail = "\n".join(run.stdout.splitlines()[-15:])
-    assert run.returncode == 0, f"{ENV_BLAS}={route}:\n{tail}\n{run.stderr[-2000:]}"
-    assert " passed" in tail and " failed" not in tail
 
 
 def test_a_gemm_through_the_chosen_blas_matches_numpy():

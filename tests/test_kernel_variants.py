@@ -14,15 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from utils import ROOT, pytest_in_fresh_interpreter
 
 from fastlstm import _cpu
-
-ROOT = Path(__file__).resolve().parent.parent
 
 # What each variant's interpreter is told about the CPU (x86-64; ARM64 runs only v128).
 _X86_TARGETS = {
@@ -70,18 +66,8 @@ def test_a_variant_the_cpu_cannot_run_is_refused():
 @pytest.mark.parametrize("name", OTHER_VARIANTS)
 def test_kernels_under_variant(name):
     """The kernel tests pass under ``name``, which really is the variant that ran."""
-    env = variant_env(name)
-    probe = subprocess.run(
-        [sys.executable, "-c", "from fastlstm import _cpu; print(_cpu.VARIANT.name)"],
-        env=env, cwd=ROOT, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert probe.returncode == 0, probe.stderr
-    assert probe.stdout.strip() == name
     tests = [path for path in KERNEL_TESTS if (ROOT / path).exists()]
-    run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
-        env=env, cwd=ROOT, capture_output=True, text=True, timeout=2400,
+    pytest_in_fresh_interpreter(
+        variant_env(name), "from fastlstm import _cpu; print(_cpu.VARIANT.name)", name, tests,
+        timeout=2400,
     )  # fmt: skip
-    tail = "\n".join(run.stdout.splitlines()[-15:])
-    assert run.returncode == 0, f"variant {name}:\n{tail}\n{run.stderr[-2000:]}"
-    assert " passed" in tail and " failed" not in tail

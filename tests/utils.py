@@ -1,8 +1,15 @@
-"""The one assert helper the tests share: shape, then dtype, then values, dtype-scaled."""
+"""What the tests share: the assert helper (shape, then dtype, then values, dtype-scaled),
+random inputs, and running tests again in a fresh interpreter under another setting."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # float32: within float32 rounding of exact math; float64: within float64 rounding.
 TOLERANCES = {
@@ -56,3 +63,24 @@ class DifferenceLog:
     def report(self) -> None:
         for source, value in sorted(self.largest.items()):
             print(f"\nmax |difference| vs {source}: {value:.3g}")
+
+
+def pytest_in_fresh_interpreter(
+    env: dict, probe: str, expected: str, pytest_args: list[str], timeout: int
+) -> None:
+    """Run the Python code ``probe`` under ``env`` and assert it printed ``expected`` (the
+    setting really took), then pytest with ``pytest_args`` under ``env`` and assert that
+    every selected test passed."""
+    check = subprocess.run(
+        [sys.executable, "-c", probe], env=env, cwd=ROOT, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert check.returncode == 0, check.stderr
+    assert check.stdout.strip() == expected
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *pytest_args],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+    tail = "\n".join(run.stdout.splitlines()[-15:])
+    assert run.returncode == 0, f"{expected}:\n{tail}\n{run.stderr[-2000:]}"
+    assert " passed" in tail and " failed" not in tail

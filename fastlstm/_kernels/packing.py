@@ -225,7 +225,7 @@ def _pack_blocks(packed, w, blocks, k_first, first, width):
     paired = shares_vectors(blocks, width, lanes)
     # Vector q holds block q // per_block, or blocks 2q and 2q + 1 when paired.
     per_block = (width + lanes - 1) // lanes
-    count = blocks // 2 if paired else blocks * per_block
+    count = vector_count(blocks, width, lanes)
     for d in range(directions):
         for q in range(2 * panels):
             t_off = ((d * panels + q // 2) * depth + k_first) * panel_width + (q % 2) * lanes

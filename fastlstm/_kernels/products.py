@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from fastlstm._config import jit
+from fastlstm._kernels.packing import vector_count
 from fastlstm._kernels.tiles import (
     lanes_of,
     row_blocks,
@@ -60,7 +61,7 @@ def _product_abt(flat, c_base, c_block_stride, ldc, width, rows, a_flat, a_base,
     # below for both (the tile is compiled into each caller: one copy, not two).
     paired = shares_vectors(blocks, width, lanes)
     per_block = (width + lanes - 1) // lanes
-    count_vectors = blocks // 2 if paired else blocks * per_block
+    count_vectors = vector_count(blocks, width, lanes)
     split = width if paired else 0
     for p in range(panels):
         q0 = 2 * p

@@ -523,11 +523,16 @@ def units_plan(steps: int, batch: int, layer: LayerArrays, fused: bool) -> list[
 
     Taken for one direction, a batch of several rows, the input projection outside the
     loop (weights beyond FUSED_MAX_WEIGHT_BYTES), no projection or full peephole, two
-    threads and a loop above :func:`_barrier_min_macs`. The ranges split at a whole panel.
+    threads and a loop above :func:`_barrier_min_macs`. The ranges split at a whole panel
+    (two vectors of units, the tile's width), where the two threads' vectors are closest
+    in number: a vector with some units valid costs as much as a full one, so at H = 500
+    in float64 (63 vectors of 8) 256 + 244 units take 32 and 31 vectors, where cutting at
+    half the units rounded down to a panel (240 + 260) gave 30 and 33.
     """
     directions, gates, out_size = layer.w_hh.shape
     hidden = gates // 4
-    panel = 2 * (tiles.VECTOR_BYTES // layer.w_hh.itemsize)
+    lanes = tiles.VECTOR_BYTES // layer.w_hh.itemsize
+    panel = 2 * lanes
     if (
         fused
         or directions != 1
@@ -540,8 +545,9 @@ def units_plan(steps: int, batch: int, layer: LayerArrays, fused: bool) -> list[
         or steps * batch * gates * out_size < _barrier_min_macs()
     ):
         return []
-    middle = hidden // 2 // panel * panel
-    return [(0, 0, middle), (0, middle, hidden)]
+    vectors = -(-hidden // lanes)
+    panels = min(range(1, vectors // 2 + 1), key=lambda k: max(2 * k, vectors - 2 * k))
+    return [(0, 0, panels * panel), (0, panels * panel, hidden)]
 
 
 def _forward_units(

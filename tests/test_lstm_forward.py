@@ -867,6 +867,25 @@ def test_every_input_projection_route_matches_the_reference(
 
 
 @dtypes
+def test_hidden_unit_split_balances_vectors(monkeypatch, restore_threads, dtype):
+    """The two threads of a loop split by hidden units get whole panels of the first
+    units and the rest, with vector counts (a part-valid vector counting whole, as the
+    tile computes it) at most one panel apart: at H = 500 in float64 with 512-bit
+    vectors, 256 + 244 units (32 and 31 vectors), not 240 + 260 (30 and 33)."""
+    monkeypatch.setattr(_engine, "PARALLEL_MIN_MACS", 0)
+    fl.set_num_threads(2)
+    lanes = tiles.VECTOR_BYTES // np.dtype(dtype).itemsize
+    panel = 2 * lanes
+    for hidden in range(2 * panel, 6 * panel + 1):
+        layer = fl.LSTM(I, hidden, dtype=dtype, seed=0)._layers[0]
+        (d0, first0, end0), (d1, first1, end1) = _engine.units_plan(T, 7, layer, False)
+        assert (d0, first0, d1, end1) == (0, 0, 0, hidden)
+        assert end0 == first1 and end0 % panel == 0 and 0 < end0 < hidden
+        vectors = (end0 // lanes, -(-(hidden - end0) // lanes))
+        assert abs(vectors[0] - vectors[1]) <= 2, (hidden, end0, vectors)
+
+
+@dtypes
 @pytest.mark.parametrize("peephole", [None, "diagonal"])
 def test_hidden_unit_split_equals_row_loop(rng, monkeypatch, restore_threads, dtype, peephole):
     """Weights beyond the fused limit, one direction, two threads: the forward loop splits

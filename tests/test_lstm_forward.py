@@ -17,6 +17,7 @@ import fastlstm as fl
 from fastlstm import _engine
 from fastlstm import reference as ref
 from fastlstm._kernels import tiles
+from fastlstm._kernels.products import projected_in_loop
 
 # torch's own notice when it falls back from oneDNN for proj_size > 0: not ours to report.
 pytestmark = pytest.mark.filterwarnings("ignore:LSTM with projections is not supported")
@@ -626,19 +627,38 @@ def test_one_direction_split_into_row_chunks_above_the_threshold(
     compare_serial_and_parallel(rng, kernel_calls, model, batch, lengths)
 
 
+# Long enough for the one-row loop to project blocks of ROWS steps' inputs alongside its
+# products (_kernels.products.projected_in_loop, where the registers allow it): three
+# whole blocks and a part, the padded run two and a part.
+LONG = 3 * tiles.ROWS + 3
+LONG_RUN = 2 * tiles.ROWS + 5
+
+
 @dtypes
 @pytest.mark.parametrize(
-    "options, lengths",
-    [({}, None), ({"peephole": "diagonal"}, np.array([T - 2])), ({"bidirectional": True}, [3])],
-    ids=["plain", "diagonal-padded", "bidirectional-padded"],
-)
+    "options, steps, lengths",
+    [
+        ({}, T, None),
+        ({"peephole": "diagonal"}, T, np.array([T - 2])),
+        ({"bidirectional": True}, T, [3]),
+        ({}, LONG, None),
+        ({"bidirectional": True}, LONG, [LONG_RUN]),
+        ({"peephole": "diagonal"}, LONG, [LONG_RUN]),
+    ],
+    ids=["plain", "diagonal-padded", "bidirectional-padded", "long", "long-bidirectional-padded",
+         "long-diagonal-padded"],
+)  # fmt: skip
 def test_one_row_batch_splits_hidden_units_bit_identically(
-    rng, monkeypatch, restore_threads, dtype, options, lengths
+    rng, monkeypatch, restore_threads, dtype, options, steps, lengths
 ):
     """A batch of one row: one direction's hidden units in two chunk ranges on two threads
     with a barrier per step (two directions: one task each), forward and backward loops,
     give the numbers of one thread and match the reference. H = 150: chunks of 64 (float32) or 32
-    (float64) units, the last one part-valid."""
+    (float64) units, the last one part-valid. The long runs have inputs projected in the
+    loop, forward and in reverse, on CPUs with the registers for it."""
+    run = steps if lengths is None else lengths[0]
+    assert (projected_in_loop(run, 0) != (0, 0)) == (tiles.MIXES_PROJECTION and steps == LONG)
+    T = steps  # noqa: N806 (the module's T, longer here)
     monkeypatch.setattr(_engine, "PARALLEL_MIN_MACS", 0)
     seen = []
     real = _engine._run_one_row

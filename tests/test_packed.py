@@ -4,6 +4,7 @@ scalar remainders (sizes that are not multiples of a vector), both dtypes."""
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 import pytest
 
@@ -161,10 +162,13 @@ def test_pack_unit_chunks_writes_only_its_direction_and_chunks(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("steps", [1, 13, 40])
-def test_project_unit_chunks_adds_the_input_projection_of_its_units(dtype, steps):
+@pytest.mark.parametrize("some_steps", [False, True])
+def test_project_unit_chunks_adds_the_input_projection_of_its_units(dtype, steps, some_steps):
     """xp[d, g, t, u] += x_t W[d, g H + u]^T for the units of the chunks asked (the second,
-    part-valid one of two here) in direction d, every step (row blocks of every size)."""
+    part-valid one of two here) in direction d, for the steps asked (all, or a middle
+    run: row blocks of every size), nothing else touched."""
     rng = np.random.default_rng(steps)
+    t0, t1 = (steps // 3, steps - steps // 4) if some_steps else (0, steps)
     width = chunk_width(dtype)
     hidden, inner = width + 5, 21
     w = rng.standard_normal((2, 4 * hidden, inner)).astype(dtype)
@@ -173,15 +177,17 @@ def test_project_unit_chunks_adds_the_input_projection_of_its_units(dtype, steps
     packing.pack_units(packed, w)
     before = rng.standard_normal((2, 4, steps, hidden)).astype(dtype)
     xp = before.copy()
-    products.project_unit_chunks(xp, x, packed, 1, 1, 2)
+    products.project_unit_chunks(xp, x, packed, 1, 1, 2, t0, t1)
     units = slice(width, hidden)
     for g in range(4):
         rows = w[1, g * hidden + width : (g + 1) * hidden]
-        expected = before[1, g, :, units] + x.astype(np.float64) @ rows.T.astype(np.float64)
+        expected = before[1, g, t0:t1, units] + x[t0:t1].astype(np.float64) @ rows.T.astype(
+            np.float64
+        )
         tolerance = 1e-5 if dtype == np.float32 else 1e-12
-        np.testing.assert_allclose(xp[1, g, :, units], expected, rtol=tolerance, atol=tolerance)
+        np.testing.assert_allclose(xp[1, g, t0:t1, units], expected, rtol=tolerance, atol=tolerance)
     untouched = np.ones(xp.shape, bool)
-    untouched[1, :, :, units] = False
+    untouched[1, :, t0:t1, units] = False
     assert np.array_equal(xp[untouched], before[untouched])
 
 
@@ -239,3 +245,63 @@ def test_gate_major_products_touch_only_their_gates(dtype, fraction):
             )
             touched[block] = True
         assert np.array_equal(buffer[~touched], before[~touched])
+
+
+@numba.njit
+def _row_and_tile_apart(c, h, b, ldb, kc, valid, t_offs, ldt, x, x_off, ldx, w, w_off, ldw, kw,
+                        valids):  # fmt: skip
+    tiles.row_tile(c, 0, 0, h, 0, 0, b, 0, ldb, kc, valid)
+    tiles.tile(c, t_offs[0], t_offs[1], ldt, x, x_off, ldx, w, w_off, ldw, kw, tiles.ROWS,
+               valids[0], valids[1], w_off)  # fmt: skip
+
+
+@numba.njit
+def _row_and_tile_mixed(c, h, b, ldb, kc, valid, t_offs, ldt, x, x_off, ldx, w, w_off, ldw, kw,
+                        valids, k_cuts, scratch):  # fmt: skip
+    """The mixed tile over the tile's k cut at k_cuts, the row's product in the first call."""
+    for i in range(k_cuts.shape[0] - 1):
+        row_k, row_valid = (kc, valid) if i == 0 else (0, 0)
+        tiles.row_tile_mixed(c, 0, h, b, 0, ldb, row_k, row_valid, t_offs[0], t_offs[1], ldt,
+                             x, x_off, ldx, w, w_off, ldw, k_cuts[i], k_cuts[i + 1], kw,
+                             valids[0], valids[1], scratch)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "inner, width_in, cuts",
+    [(64, 64, []), (7, 50, [3, 20]), (50, 5, [2]), (0, 9, [4]), (33, 33, [1, 2, 31])],
+)
+def test_row_tile_mixed_gives_the_bits_of_the_row_and_the_tile_apart(dtype, inner, width_in, cuts):
+    """One row by ROW_VECTORS vectors (inner k) and a ROWS-row tile (width_in k, cut into
+    several calls whose sums wait in the scratch) in one loop: the same bits as
+    row_tile and tile called apart, near the float64 product, masked lanes untouched."""
+    rng = np.random.default_rng(inner + width_in)
+    vec = lanes(dtype)
+    width = tiles.ROW_VECTORS * vec
+    h = rng.standard_normal(max(inner, 1)).astype(dtype)
+    b = rng.standard_normal(max(inner, 1) * width).astype(dtype)
+    x = rng.standard_normal(3 + tiles.ROWS * width_in).astype(dtype)
+    w = rng.standard_normal(width_in * width).astype(dtype)
+    ldt = 3 * vec + 5  # the tile's rows overlap none of the row's vectors
+    t_offs = np.array([width + 1, width + 1 + vec])
+    c = rng.standard_normal(width + 1 + tiles.ROWS * ldt + 2 * vec).astype(dtype)
+    valid, valids = width - vec // 2, np.array([vec, vec - 3])
+    common = (h, b, width, inner, valid, t_offs, ldt, x, 3, width_in, w, 2 * vec, width, width_in,
+              valids)  # fmt: skip
+    apart = c.copy()
+    _row_and_tile_apart(apart, *common)
+    mixed = c.copy()
+    scratch = np.full(2 * tiles.ROWS * vec, np.nan, dtype)
+    _row_and_tile_mixed(mixed, *common, np.array([0, *cuts, width_in]), scratch)
+    assert np.array_equal(mixed, apart)
+    expected = c.astype(np.float64)
+    row = h[:inner].astype(np.float64) @ b[: inner * width].reshape(inner, width)
+    expected[:valid] += row[:valid]
+    rows = np.stack([x[3 + r * width_in : 3 + (r + 1) * width_in] for r in range(tiles.ROWS)])
+    product = rows.astype(np.float64) @ w.reshape(width_in, width)[:, 2 * vec : 4 * vec]
+    for r in range(tiles.ROWS):
+        for v in range(2):
+            start = t_offs[v] + r * ldt
+            expected[start : start + valids[v]] += product[r, v * vec : v * vec + valids[v]]
+    tolerance = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(mixed, expected, rtol=tolerance, atol=tolerance)

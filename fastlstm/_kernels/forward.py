@@ -33,11 +33,13 @@ from fastlstm._kernels.gates import (
 )
 from fastlstm._kernels.packing import pack_unit_chunks
 from fastlstm._kernels.products import (
+    one_row_step_products,
     product_abt,
-    product_one_row,
     project_unit_chunks,
+    projected_in_loop,
 )
 from fastlstm._kernels.sync import arrive_and_wait
+from fastlstm._kernels.tiles import ROWS, lanes_of
 
 
 @jit
@@ -310,11 +312,13 @@ def layer_forward_units(
 
 
 @jit
-def one_row_inputs(xp, inputs, w_ih, bias, packed_ih, w_hh, packed, d, first, end):
+def one_row_inputs(xp, inputs, w_ih, bias, packed_ih, w_hh, packed, d, first, end, t_lo, t_hi):
     """What a thread of :func:`layer_forward_one_row` does before its loop, for its hidden
     chunks first..end-1 of direction d: pack its part of W_ih (into ``packed_ih``) and of
     W_hh (into ``packed``; both shaped by :func:`fastlstm._kernels.packing.units_shape`),
-    and fill xp[d, g, t] for its units with bias + x_t W_ih^T for every step. inputs (T, I).
+    and fill xp[d, g, t] for its units with bias + x_t W_ih^T, x_t W_ih^T for every step
+    but t_lo..t_hi-1 (the loop projects those itself: :func:`projected_in_loop`). inputs
+    (T, I).
 
     Each thread packs and projects its own units only, in the same task as its loop: no
     fork of its own, half the weights per core, and they land in the cache of the core
@@ -333,7 +337,8 @@ def one_row_inputs(xp, inputs, w_ih, bias, packed_ih, w_hh, packed, d, first, en
         gate_bias = bias[d, g * hidden + lo : g * hidden + hi]
         for t in range(steps):
             copy1(xp[d, g, t, lo:hi], gate_bias)
-    project_unit_chunks(xp, inputs, packed_ih, d, first, end)
+    project_unit_chunks(xp, inputs, packed_ih, d, first, end, 0, min(t_lo, steps))
+    project_unit_chunks(xp, inputs, packed_ih, d, first, end, max(t_hi, t_lo), steps)
     pack_unit_chunks(packed, w_hh, d, first, end)
 
 
@@ -356,8 +361,10 @@ def layer_forward_one_row(
     length are padding: out is zero there, and in training the caches hold the carried
     state (and zero gates) so that backward and the weight gradients read defined numbers.
     """
-    one_row_inputs(xp, inputs, w_ih, bias, packed_ih, w_hh, packed, d, first, end)
     steps = out.shape[0]
+    run = min(steps, lengths[0])
+    t_lo, t_hi = projected_in_loop(run, d)
+    one_row_inputs(xp, inputs, w_ih, bias, packed_ih, w_hh, packed, d, first, end, t_lo, t_hi)
     hidden = c0.shape[2]
     width_in = xh.shape[2] - h0.shape[2]  # (training: xh rows are [x_t | h_{t-1}])
     out_size = h0.shape[2]
@@ -366,18 +373,22 @@ def layer_forward_one_row(
     hi = min(hidden, end * width)
     ocol = d * out_size
     diagonal = peep.shape[1] > 0
-    run = min(steps, lengths[0])
     c = c0[d, 0, lo:hi].copy()
     c_new = np.empty_like(c)
     p_i, p_f, p_o = peephole_units(peep, d, lo, hi)
     gate_stride = xp.shape[2] * xp.shape[3]
+    # For the projection of steps t_lo..t_hi-1 in the loop: where the next tile and its k
+    # are, and a tile's sums between products.
+    cursor = np.zeros(2, np.int64)
+    tile_sums = np.empty(2 * ROWS * lanes_of(xp), dtype=xp.dtype)
     current = 0
     for s in range(run):
         t = run - 1 - s if d == 1 else s  # the reverse direction runs over the row's steps
         h = state[d, current]
         h_next = state[d, 1 - current]
         base = d * 4 * gate_stride + t * xp.shape[3]
-        product_one_row(xp, base, gate_stride, hidden, h, packed, d, first, end)
+        one_row_step_products(xp, base, gate_stride, hidden, h, packed, d, first, end, inputs,
+                              packed_ih, s, t_lo, t_hi, cursor, tile_sums)  # fmt: skip
         if training:
             copy1(xh[d, t, width_in + lo : width_in + hi], h[lo:hi])
         ai = xp[d, 0, t, lo:hi]

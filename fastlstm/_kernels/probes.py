@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from fastlstm._config import jit
-from fastlstm._kernels.products import product_abt, product_one_row
+from fastlstm._kernels.products import one_row_step_products, product_abt, projected_in_loop
+from fastlstm._kernels.tiles import ROWS, lanes_of
 
 
 @jit
-def one_row_products_only(xp, h, packed, first, end, steps):
-    """The one-row loop's products alone (for the profiler): ``steps`` times, what one task
-    of :func:`layer_forward_one_row` multiplies per step, hidden chunks first..end-1 of
-    direction 0; xp (1, 4, 1, H), h (P,), packed from pack_units."""
-    hidden = xp.shape[3]
-    for _ in range(steps):
-        product_one_row(xp, 0, hidden, hidden, h, packed, 0, first, end)
+def one_row_products_only(xp, h, packed, x, packed_ih, first, end):
+    """The one-row loop's products alone (for the profiler): for each of T steps, what one
+    task of :func:`layer_forward_one_row` multiplies, hidden chunks first..end-1 of
+    direction 0, with the input projection it runs alongside (:func:`projected_in_loop`);
+    xp (1, 4, T, H), h (P,), x (T, I), packed and packed_ih from pack_units of W_hh and
+    W_ih."""
+    steps, hidden = xp.shape[2], xp.shape[3]
+    t_lo, t_hi = projected_in_loop(steps, 0)
+    cursor = np.zeros(2, np.int64)
+    tile_sums = np.empty(2 * ROWS * lanes_of(xp), dtype=xp.dtype)
+    for s in range(steps):
+        one_row_step_products(xp, s * hidden, steps * hidden, hidden, h, packed, 0, first, end,
+                              x, packed_ih, s, t_lo, t_hi, cursor, tile_sums)  # fmt: skip
 
 
 @jit

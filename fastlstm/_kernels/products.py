@@ -19,9 +19,12 @@ import numpy as np
 from fastlstm._config import jit
 from fastlstm._kernels.packing import vector_count
 from fastlstm._kernels.tiles import (
+    MIXES_PROJECTION,
+    ROWS,
     lanes_of,
     row_blocks,
     row_tile,
+    row_tile_mixed,
     shares_vectors,
     tile,
     tile_paired,
@@ -142,9 +145,9 @@ def _product_ab(c_flat, width, rows, a_flat, a_base, a_block_stride, lda, kc, pa
 
 
 @jit
-def project_unit_chunks(xp, x, packed, d, first, end):
-    """xp[d, g, t, u] += x[t] W[d, g H + u]^T for every step t and gate g, for the hidden
-    units u of chunks first..end-1; x (T, K), xp (D, 4, T, H), W packed by
+def project_unit_chunks(xp, x, packed, d, first, end, t0, t1):
+    """xp[d, g, t, u] += x[t] W[d, g H + u]^T for steps t0..t1-1 and every gate g, for the
+    hidden units u of chunks first..end-1; x (T, K), xp (D, 4, T, H), W packed by
     :func:`pack_units` (the input projection of a batch of one row, a thread's own units).
 
     The register tile runs over the chunk's vectors two at a time (a panel whose rows are
@@ -161,7 +164,7 @@ def project_unit_chunks(xp, x, packed, d, first, end):
     flat = xp.reshape(xp.size)
     a_flat = x.reshape(x.size)
     b_flat = packed.reshape(packed.size)
-    count, base, extra = row_blocks(steps)
+    count, base, extra = row_blocks(max(0, t1 - t0))
     for g in range(4):
         for chunk in range(first, end):
             b_chunk = ((d * 4 + g) * chunks + chunk) * inner * width
@@ -175,7 +178,7 @@ def project_unit_chunks(xp, x, packed, d, first, end):
                 b_off = b_chunk + v * lanes
                 ahead = b_off + 2 * lanes if v + 2 < vectors else b_off
                 for i in range(count):
-                    r0 = i * base + min(i, extra)
+                    r0 = t0 + i * base + min(i, extra)
                     block = base + (1 if i < extra else 0)
                     shift = r0 * hidden
                     tile(
@@ -208,6 +211,142 @@ def _product_one_row(flat, base, gate_stride, hidden, h, packed, d, first, end):
             b_off = ((d * 4 + g) * chunks + chunk) * inner * width
             valid = min(width, hidden - chunk * width)  # a part-valid chunk is masked
             row_tile(flat, off, 0, h, 0, 0, b_flat, b_off, width, inner, valid)
+
+
+@jit(inline=True)
+def projected_in_loop(run, d):
+    """Steps t_lo..t_hi-1 whose input projection :func:`layer_forward_one_row` runs alongside
+    its products, ROWS at a time (a block during the block before it in the loop's order),
+    on CPUs whose registers hold both tiles (MIXES_PROJECTION): every whole block of the
+    run's steps but the first, in the loop's order (the reverse direction's from the end).
+    t_lo == t_hi when none."""
+    blocks = run // ROWS if MIXES_PROJECTION else 0
+    if blocks < 2:
+        return 0, 0
+    if d == 1:
+        return run - blocks * ROWS, run - ROWS
+    return ROWS, blocks * ROWS
+
+
+@jit(inline=True)
+def one_row_step_products(
+    xp, base, gate_stride, hidden, h, packed, d, first, end, x, packed_ih, s, t_lo, t_hi,
+    cursor, tile_sums,
+):  # fmt: skip
+    """Step s (in the loop's order) of :func:`fastlstm._kernels.layer_forward_one_row`'s
+    products: :func:`product_one_row`, with the next block's projection alongside
+    (:func:`product_one_row_projecting`) while that block lies in t_lo..t_hi-1
+    (:func:`projected_in_loop`); its tiles are done by the block's last step."""
+    block = s // ROWS + 1  # the next block, in the loop's order
+    if block * ROWS >= t_hi - t_lo + ROWS:
+        product_one_row(xp, base, gate_stride, hidden, h, packed, d, first, end)
+        return
+    if s % ROWS == 0:
+        cursor[0] = 0
+        cursor[1] = 0
+    t0 = t_lo + (block - 1) * ROWS if d == 0 else t_hi - block * ROWS
+    product_one_row_projecting(xp, base, gate_stride, hidden, h, packed, d, first, end, x,
+                               packed_ih, t0, cursor, tile_sums, s % ROWS == ROWS - 1)  # fmt: skip
+
+
+@jit(inline=True)
+def product_one_row_projecting(
+    xp, base, gate_stride, hidden, h, packed, d, first, end, x, packed_ih, t0, cursor, scratch,
+    finish,
+):  # fmt: skip
+    """:func:`product_one_row`, and alongside it the next pieces of the input projection of
+    steps t0..t0+ROWS-1 for the same units (:func:`project_unit_chunks`' sums, as register
+    tiles of ROWS steps; packed_ih from :func:`pack_units` of W_ih; x (T, I)): each of the
+    row's products takes up to half its length of one tile's k along
+    (:func:`fastlstm._kernels.tiles.row_tile_mixed`). ``cursor`` (2,) int64 holds the
+    next tile and its next k between calls (zero it for a new block); ``scratch`` (2 ROWS
+    vectors) a tile's sums between calls. With ``finish``, the block's tiles still to go
+    run alone after the products. The projection must be done before any product of
+    those steps; the time loop runs one block's during the block before."""
+    _product_one_row_projecting(
+        xp.reshape(xp.size), np.intp(base), np.intp(gate_stride), np.intp(hidden), h, packed,
+        np.intp(d), np.intp(first), np.intp(end), x.reshape(x.size), np.intp(x.shape[1]),
+        packed_ih.reshape(packed_ih.size), np.intp(packed_ih.shape[2]), np.intp(t0), cursor,
+        scratch, finish,
+    )  # fmt: skip
+
+
+@jit
+def _product_one_row_projecting(
+    flat, base, gate_stride, hidden, h, packed, d, first, end, x_flat, width_in, ih_flat,
+    chunks, t0, cursor, scratch, finish,
+):  # fmt: skip
+    """:func:`product_one_row_projecting` on flat arrays."""
+    inner = h.shape[0]
+    width = packed.shape[4]
+    lanes = lanes_of(h)
+    pairs = width // lanes // 2  # a tile is two vectors of a chunk's ROW_VECTORS
+    tiles = 4 * (end - first) * pairs
+    b_flat = packed.reshape(packed.size)
+    job = (x_flat, width_in, ih_flat, chunks, t0, gate_stride, hidden, d, first, end, scratch)
+    rows = 4 * (end - first)  # the row's products: gate-major, then chunk
+    j = 0
+    # One call site of the mixed tile (each is inlined): the row's products, then with
+    # ``finish`` the tiles left, alone (inner = 0).
+    while j < rows or finish:
+        q = _next_tile(cursor, tiles, first, end, pairs, lanes, width, hidden)
+        if j >= rows and q < 0:
+            break
+        g, chunk = j // (end - first), first + j % (end - first)
+        off = base + g * gate_stride + chunk * width
+        b_off = ((d * 4 + g) * chunks + chunk) * inner * width
+        valid = min(width, hidden - chunk * width)
+        if q < 0:
+            row_tile(flat, off, 0, h, 0, 0, b_flat, b_off, width, inner, valid)
+        else:
+            alone = j >= rows
+            k1 = width_in if alone else min(width_in, cursor[1] + inner // 2)
+            _with_tile(flat, off, h, b_flat, b_off, width, 0 if alone else inner,
+                       0 if alone else valid, job, q, cursor[1], k1)  # fmt: skip
+            if k1 < width_in:
+                cursor[1] = k1
+            else:
+                cursor[0] = q + 1
+                cursor[1] = 0
+        j += 1
+
+
+@jit(inline=True)
+def _next_tile(cursor, tiles, first, end, pairs, lanes, width, hidden):
+    """The cursor's projection tile, or the next one with columns inside H (its k from
+    zero); -1 when none is left. Tile q is gate q // (chunks x pairs), then chunk, then
+    vector pair."""
+    q = cursor[0]
+    while q < tiles:
+        chunk = first + (q // pairs) % (end - first)
+        if chunk * width + (q % pairs) * 2 * lanes < hidden:
+            return q
+        q += 1
+        cursor[0] = q
+        cursor[1] = 0
+    return -1
+
+
+@jit(inline=True)
+def _with_tile(flat, off, h, b_flat, b_off, width, inner, valid, job, q, k0, k1):
+    """The row's product (``inner`` = 0: none) with k0..k1-1 of projection tile q of ``job``
+    (see :func:`_product_one_row_projecting`)."""
+    x_flat, width_in, ih_flat, chunks, t0, gate_stride, hidden, d, first, end, scratch = job
+    lanes = lanes_of(h)
+    pairs = width // lanes // 2
+    g = q // ((end - first) * pairs)
+    chunk = first + (q // pairs) % (end - first)
+    v = 2 * (q % pairs)
+    col0 = chunk * width + v * lanes
+    valid0 = min(lanes, hidden - col0)
+    valid1 = max(0, min(lanes, hidden - col0 - lanes))
+    t_off = (d * 4 + g) * gate_stride + t0 * hidden + col0
+    w_off = ((d * 4 + g) * chunks + chunk) * width_in * width + v * lanes
+    row_tile_mixed(
+        flat, off, h, b_flat, b_off, width, inner, valid, t_off, t_off + lanes, hidden,
+        x_flat, t0 * width_in, width_in, ih_flat, w_off, width, k0, k1, width_in, valid0,
+        valid1, scratch,
+    )  # fmt: skip
 
 
 @jit(inline=True)

@@ -47,6 +47,10 @@ ROW_VECTORS = VARIANT.row_vectors
 # The fewest rows worth a thread's own chunk of a batch: a block of r rows keeps 2 r FMA
 # chains, and two FMA units of 4-5 cycles' latency need about 10 (or ROWS, if fewer).
 MIN_CHUNK_ROWS = min(ROWS, 5)
+# The one-row product takes a later block of steps' input projection along
+# (:func:`row_tile_mixed`) where both sets of accumulators fit in the vector registers
+# next to the panels and broadcasts: with AVX-512's 32 (8 + 16 + 3), not AVX2's 16.
+MIXES_PROJECTION = VARIANT.registers >= ROW_VECTORS + 2 * ROWS + 3
 
 
 def _splat_i64(builder, lanes: int, value):
@@ -74,6 +78,139 @@ def _lane_range(builder, lanes: int, start, stop):
     )
 
 
+class _Emitter:
+    """The IR pieces every tile generator shares, for one dtype at one builder: the vector
+    type, the LLVM intrinsics (fma, masked load and store, prefetch) and small helpers."""
+
+    def __init__(self, context, builder, is64: bool):
+        self.context = context
+        self.builder = builder
+        scalar = ir.DoubleType() if is64 else ir.FloatType()
+        self.lanes = VECTOR_BYTES // (8 if is64 else 4)
+        self.vector = vector = ir.VectorType(scalar, self.lanes)
+        self.align = 8 if is64 else 4
+        bits = 64 if is64 else 32
+        module = builder.module
+        i32 = ir.IntType(32)
+        mask_type = ir.VectorType(ir.IntType(1), self.lanes)
+        self.fma = cgutils.get_or_insert_function(
+            module, ir.FunctionType(vector, [vector] * 3), f"llvm.fma.v{self.lanes}f{bits}"
+        )
+        self.masked_load = cgutils.get_or_insert_function(
+            module,
+            ir.FunctionType(vector, [vector.as_pointer(), i32, mask_type, vector]),
+            f"llvm.masked.load.v{self.lanes}f{bits}.p0",
+        )
+        self.masked_store = cgutils.get_or_insert_function(
+            module,
+            ir.FunctionType(ir.VoidType(), [vector, vector.as_pointer(), i32, mask_type]),
+            f"llvm.masked.store.v{self.lanes}f{bits}.p0",
+        )
+        self.zero = ir.Constant(vector, [0.0] * self.lanes)
+
+    @staticmethod
+    def const(value: int):
+        return ir.Constant(ir.IntType(64), value)
+
+    def data(self, array_type, value):
+        """The data pointer of an array argument."""
+        return self.context.make_array(array_type)(self.context, self.builder, value).data
+
+    def rows_at(self, pointer, offset, stride, rows: int) -> list:
+        """Pointers to rows 0..rows-1 of a matrix at ``offset``, ``stride`` apart."""
+        b = self.builder
+        return [b.gep(pointer, [b.add(offset, b.mul(stride, self.const(r)))]) for r in range(rows)]
+
+    def vector_at(self, pointer):
+        return self.builder.bitcast(pointer, self.vector.as_pointer())
+
+    def prefetch(self, pointer) -> None:
+        """Ask the cache for ``pointer`` (read, keep in every cache level, data cache)."""
+        i32 = ir.IntType(32)
+        hint = cgutils.get_or_insert_function(
+            self.builder.module,
+            ir.FunctionType(ir.VoidType(), [ir.IntType(8).as_pointer()] + [i32] * 3),
+            "llvm.prefetch.p0",
+        )
+        i8 = self.builder.bitcast(pointer, ir.IntType(8).as_pointer())
+        self.builder.call(hint, [i8, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+
+    def panel_step(self, acc: list, a_rows: list, k, b_row) -> list:
+        """acc[r][v] + A[r, k] B[k, vector v] for every row r and vector v: one load per
+        vector of the panel row at b_row, one broadcast per row, a multiply-add each."""
+        b = self.builder
+        undef = ir.Constant(self.vector, ir.Undefined)
+        splat_mask = ir.Constant(ir.VectorType(ir.IntType(32), self.lanes), [0] * self.lanes)
+        panel = [
+            b.load(self.vector_at(b.gep(b_row, [self.const(v * self.lanes)])), align=self.align)
+            for v in range(len(acc[0]))
+        ]
+        summed = []
+        for r, row in enumerate(acc):
+            value = b.load(b.gep(a_rows[r], [k]))
+            splat = b.shuffle_vector(
+                b.insert_element(undef, value, ir.Constant(ir.IntType(32), 0)), undef, splat_mask
+            )
+            summed.append([b.call(self.fma, [splat, panel[v], row[v]]) for v in range(len(row))])
+        return summed
+
+    def loop(self, name: str, count, initial: list, body) -> list:
+        """``accs = body(i, accs)`` for i in 0..count-1 (an i64 value; none when <= 0):
+        ``initial`` and the result are lists of groups of rows of vectors."""
+        b = self.builder
+        i64 = ir.IntType(64)
+        entry = b.block
+        loop = b.append_basic_block(f"{name}.loop")
+        done = b.append_basic_block(f"{name}.done")
+        b.cbranch(b.icmp_signed(">", count, self.const(0)), loop, done)
+        b.position_at_end(loop)
+        i = b.phi(i64)
+        accs = [[[b.phi(self.vector) for _ in row] for row in group] for group in initial]
+        summed = body(i, accs)
+        i_next = b.add(i, self.const(1))
+        i.add_incoming(self.const(0), entry)
+        i.add_incoming(i_next, loop)
+        for group, new_group, start_group in zip(accs, summed, initial, strict=True):
+            for row, new_row, start_row in zip(group, new_group, start_group, strict=True):
+                for phi, new, start in zip(row, new_row, start_row, strict=True):
+                    phi.add_incoming(start, entry)
+                    phi.add_incoming(new, loop)
+        b.cbranch(b.icmp_signed("<", i_next, count), loop, done)
+        b.position_at_end(done)
+        totals = [[[b.phi(self.vector) for _ in row] for row in group] for group in initial]
+        for group, new_group, start_group in zip(totals, summed, initial, strict=True):
+            for row, new_row, start_row in zip(group, new_group, start_group, strict=True):
+                for phi, new, start in zip(row, new_row, start_row, strict=True):
+                    phi.add_incoming(start, entry)
+                    phi.add_incoming(new, loop)
+        return totals
+
+    def add_into_c(self, c_ptr, ldc, totals: list, segments: list) -> None:
+        """C += totals over ``segments`` [(offsets, masks)] of disjoint lanes (row r of
+        vector v at offsets[v] + r ldc). Every load before any store: C's rows may be
+        closer than a vector (H < lanes), and a load whose span overlaps a pending store's
+        (even in masked-off lanes) waits for it (measured on a Zen 4 at H = 8: the seed
+        shape's products 3.4 -> 2.4 us a step)."""
+        b = self.builder
+        aligned = ir.Constant(ir.IntType(32), self.align)
+
+        def pointer_at(offset, r):
+            return self.vector_at(b.gep(c_ptr, [b.add(offset, b.mul(ldc, self.const(r)))]))
+
+        stores = []
+        for r, row in enumerate(totals):
+            for v, total in enumerate(row):
+                pointers = [(pointer_at(offs[v], r), masks[v]) for offs, masks in segments]
+                previous = None
+                for pointer, mask in pointers:
+                    value = b.call(self.masked_load, [pointer, aligned, mask, self.zero])
+                    previous = value if previous is None else b.select(mask, value, previous)
+                total = b.fadd(previous, total)
+                stores.extend((total, pointer, mask) for pointer, mask in pointers)
+        for total, pointer, mask in stores:
+            b.call(self.masked_store, [total, pointer, aligned, mask])
+
+
 def _emit_tile(
     context, builder, sig, args, rows: int, vectors: int, prefetch: bool, valids: list,
     pairs: tuple | None = None,
@@ -90,136 +227,25 @@ def _emit_tile(
     at its second offset (an address for lane 0, so lane split lands on the second
     block's first column); see :func:`shares_vectors`."""
     c_arr, c_off0, c_off1, ldc, a_arr, a_off, lda, b_arr, b_off, ldb, kc = args[:11]
-    is64 = sig.args[0].dtype == types.float64
-    scalar = ir.DoubleType() if is64 else ir.FloatType()
-    lanes = VECTOR_BYTES // (8 if is64 else 4)
-    vector = ir.VectorType(scalar, lanes)
-    align = 8 if is64 else 4
-    i64 = ir.IntType(64)
-    fma = cgutils.get_or_insert_function(
-        builder.module,
-        ir.FunctionType(vector, [vector] * 3),
-        f"llvm.fma.v{lanes}f{64 if is64 else 32}",
-    )
-
-    def data(array_type, value):
-        return context.make_array(array_type)(context, builder, value).data
-
-    c_ptr, a_ptr, b_ptr = (
-        data(sig.args[0], c_arr),
-        data(sig.args[4], a_arr),
-        data(sig.args[7], b_arr),
-    )
-
-    def const(value):
-        return ir.Constant(i64, value)
-
-    a_rows = [builder.gep(a_ptr, [builder.add(a_off, builder.mul(lda, const(r)))])
-              for r in range(rows)]  # fmt: skip
+    emit = _Emitter(context, builder, sig.args[0].dtype == types.float64)
+    lanes, const = emit.lanes, emit.const
+    c_ptr = emit.data(sig.args[0], c_arr)
+    a_rows = emit.rows_at(emit.data(sig.args[4], a_arr), a_off, lda, rows)
+    b_ptr = emit.data(sig.args[7], b_arr)
     b_base = builder.gep(b_ptr, [b_off])
-    zero = ir.Constant(vector, [0.0] * lanes)
-    undef = ir.Constant(vector, ir.Undefined)
-    splat_mask = ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes)
     offsets = [c_off0] + [builder.add(c_off1, const((v - 1) * lanes)) for v in range(1, vectors)]
-    entry = builder.block
-    loop = builder.append_basic_block(f"tile{rows}x{vectors}.loop")
-    done = builder.append_basic_block(f"tile{rows}x{vectors}.done")
-    builder.cbranch(builder.icmp_signed(">", kc, const(0)), loop, done)
 
-    builder.position_at_end(loop)
-    k = builder.phi(i64)
-    acc = [[builder.phi(vector) for _ in range(vectors)] for _ in range(rows)]
-    b_row = builder.gep(b_base, [builder.mul(k, ldb)])
-    if prefetch:
-        ahead = builder.gep(b_ptr, [builder.add(args[11], builder.mul(k, ldb))])
-        i32 = ir.IntType(32)
-        hint = cgutils.get_or_insert_function(
-            builder.module,
-            ir.FunctionType(ir.VoidType(), [ir.IntType(8).as_pointer()] + [i32] * 3),
-            "llvm.prefetch.p0",
-        )
-        # read, keep in every cache level, data cache
-        builder.call(
-            hint,
-            [
-                builder.bitcast(ahead, ir.IntType(8).as_pointer()),
-                ir.Constant(i32, 0),
-                ir.Constant(i32, 3),
-                ir.Constant(i32, 1),
-            ],
-        )
-    panel = [
-        builder.load(
-            builder.bitcast(builder.gep(b_row, [const(v * lanes)]), vector.as_pointer()),
-            align=align,
-        )
-        for v in range(vectors)
-    ]
-    summed = []
-    for r in range(rows):
-        value = builder.load(builder.gep(a_rows[r], [k]))
-        splat = builder.shuffle_vector(
-            builder.insert_element(undef, value, ir.Constant(ir.IntType(32), 0)),
-            undef,
-            splat_mask,
-        )
-        summed.append([builder.call(fma, [splat, panel[v], acc[r][v]])
-                       for v in range(vectors)])  # fmt: skip
-    k_next = builder.add(k, const(1))
-    k.add_incoming(const(0), entry)
-    k.add_incoming(k_next, loop)
-    for r in range(rows):
-        for v in range(vectors):
-            acc[r][v].add_incoming(zero, entry)
-            acc[r][v].add_incoming(summed[r][v], loop)
-    builder.cbranch(builder.icmp_signed("<", k_next, kc), loop, done)
+    def step(k, accs):
+        b_row = builder.gep(b_base, [builder.mul(k, ldb)])
+        if prefetch:
+            emit.prefetch(builder.gep(b_ptr, [builder.add(args[11], builder.mul(k, ldb))]))
+        return [emit.panel_step(accs[0], a_rows, k, b_row)]
 
-    builder.position_at_end(done)
-    totals = [[builder.phi(vector) for _ in range(vectors)] for _ in range(rows)]
-    for r in range(rows):  # every phi first: LLVM wants them at the block's top
-        for v in range(vectors):
-            totals[r][v].add_incoming(zero, entry)
-            totals[r][v].add_incoming(summed[r][v], loop)
-    bits = 64 if is64 else 32
-    mask_type = ir.VectorType(ir.IntType(1), lanes)
-    i32 = ir.IntType(32)
-    masked_load = cgutils.get_or_insert_function(
-        builder.module,
-        ir.FunctionType(vector, [vector.as_pointer(), i32, mask_type, vector]),
-        f"llvm.masked.load.v{lanes}f{bits}.p0",
-    )
-    masked_store = cgutils.get_or_insert_function(
-        builder.module,
-        ir.FunctionType(ir.VoidType(), [vector, vector.as_pointer(), i32, mask_type]),
-        f"llvm.masked.store.v{lanes}f{bits}.p0",
-    )
+    initial = [[[emit.zero] * vectors for _ in range(rows)]]
+    (totals,) = emit.loop(f"tile{rows}x{vectors}", kc, initial, step)
     masks = [_lane_mask(builder, lanes, valids[v]) for v in range(vectors)]
-    aligned = ir.Constant(i32, align)
-
-    def pointer_at(offset, r):
-        where = builder.add(offset, builder.mul(ldc, const(r)))
-        return builder.bitcast(builder.gep(c_ptr, [where]), vector.as_pointer())
-
-    def add_into_c(segments):
-        """C += totals over ``segments`` [(offsets, masks)] of disjoint lanes. Every load
-        before any store: C's rows may be closer than a vector (H < lanes), and a load
-        whose span overlaps a pending store's (even in masked-off lanes) waits for it
-        (measured on a Zen 4 at H = 8: the seed shape's products 3.4 -> 2.4 us a step)."""
-        stores = []
-        for r in range(rows):
-            for v in range(vectors):
-                pointers = [(pointer_at(offs[v], r), seg_masks[v]) for offs, seg_masks in segments]
-                previous = None
-                for pointer, mask in pointers:
-                    value = builder.call(masked_load, [pointer, aligned, mask, zero])
-                    previous = value if previous is None else builder.select(mask, value, previous)
-                total = builder.fadd(previous, totals[r][v])
-                stores.extend((total, pointer, mask) for pointer, mask in pointers)
-        for total, pointer, mask in stores:
-            builder.call(masked_store, [total, pointer, aligned, mask])
-
     if pairs is None:
-        add_into_c([(offsets, masks)])
+        emit.add_into_c(c_ptr, ldc, totals, [(offsets, masks)])
         return
     split, second = pairs
     plain = builder.append_basic_block(f"tile{rows}x{vectors}.plain")
@@ -227,13 +253,13 @@ def _emit_tile(
     end = builder.append_basic_block(f"tile{rows}x{vectors}.end")
     builder.cbranch(builder.icmp_signed(">", split, const(0)), paired, plain)
     builder.position_at_end(plain)
-    add_into_c([(offsets, masks)])
+    emit.add_into_c(c_ptr, ldc, totals, [(offsets, masks)])
     builder.branch(end)
     builder.position_at_end(paired)
     # lanes [split, split + valid): on from split, off from split + valid
     upper = [_lane_range(builder, lanes, split, builder.add(split, valids[v]))
              for v in range(vectors)]  # fmt: skip
-    add_into_c([(offsets, masks), (second, upper)])
+    emit.add_into_c(c_ptr, ldc, totals, [(offsets, masks), (second, upper)])
     builder.branch(end)
     builder.position_at_end(end)
 
@@ -321,6 +347,111 @@ def row_tile(typingctx, c, c_off0, ldc, a, a_off, lda, b, b_off, ldb, kc, valid)
         valids = [builder.sub(valid, ir.Constant(i64, v * lanes)) for v in range(ROW_VECTORS)]
         as_tile = _tile_signature(sig.args[0], sig.args[3], sig.args[6])  # argument positions
         _emit_tile(context, builder, as_tile, tile_args, 1, ROW_VECTORS, False, valids)
+        return context.get_dummy_value()
+
+    return signature, codegen
+
+
+@intrinsic
+def row_tile_mixed(
+    typingctx, c, c_off, h, b, b_off, ldb, kc, valid, t_off0, t_off1, ldt, x, x_off, ldx, w,
+    w_off, ldw, k0, k1, kw, valid0, valid1, scratch,
+):  # fmt: skip
+    """:func:`row_tile` (C[c_off + j] += sum_k h[k] b[b_off + k ldb + j], j < valid, over
+    k < kc) with k = k0..k1-1 of a ROWS-row register tile of another product in the same
+    loop: C[t_off_v + r ldt, vector v] += sum_k x[x_off + r ldx + k] w[w_off + k ldw,
+    vector v] for r < ROWS and two vectors (valid0, valid1 lanes), k < kw in all.
+
+    Why: the one-row product streams its panel from the cache with one multiply-add per
+    loaded vector, and the cache's bandwidth, not the multiply-add units, sets its pace;
+    the tile's multiply-adds fill the idle units. So each loop iteration runs two of the
+    row's k and one of the tile's between them, for as many iterations as both have;
+    what is left of either runs alone after. Measured on a Zen 4, one core, one thread's
+    share of a latency-shape step (H = I = 256): the row's products 4.9 us, the tile's
+    2.3, both interleaved 6.3 (half the tile hidden; with the tile's k after both of the
+    row's, a quarter or less). An intrinsic, inlined where it is used: a call per use
+    cost a tenth more.
+
+    The tile's sums may span calls: with k0 > 0 its accumulators start from ``scratch``
+    (2 ROWS vectors), and with k1 < kw they are left there instead of added into C. Each
+    sum still runs over k in order from zero, so C gets the same bits as from
+    :func:`row_tile` and :func:`tile` called apart. kc = 0 (and valid = 0) runs the tile
+    alone."""
+    arrays = (c, h, b, x, w, scratch)
+    same = all(isinstance(a, types.Array) and a.dtype == c.dtype for a in arrays)
+    if not same or c.dtype not in (types.float32, types.float64):
+        return None
+    index = types.intp
+    signature = types.void(
+        c, index, h, b, index, index, index, index, index, index, index, x, index, index, w,
+        index, index, index, index, index, index, index, scratch,
+    )  # fmt: skip
+
+    def codegen(context, builder, sig, args):
+        (c_arr, c_off, h_arr, b_arr, b_off, ldb, kc, valid, t_off0, t_off1, ldt, x_arr, x_off,
+         ldx, w_arr, w_off, ldw, k0, k1, kw, valid0, valid1, s_arr) = args  # fmt: skip
+        emit = _Emitter(context, builder, sig.args[0].dtype == types.float64)
+        lanes, const = emit.lanes, emit.const
+        c_ptr = emit.data(sig.args[0], c_arr)
+        h_row = [emit.data(sig.args[2], h_arr)]
+        b_base = builder.gep(emit.data(sig.args[3], b_arr), [b_off])
+        x_rows = emit.rows_at(emit.data(sig.args[11], x_arr), x_off, ldx, ROWS)
+        w_base = builder.gep(emit.data(sig.args[14], w_arr), [w_off])
+        s_ptr = emit.data(sig.args[22], s_arr)
+        kept = [[emit.vector_at(builder.gep(s_ptr, [const((2 * r + v) * lanes)])) for v in range(2)]
+                for r in range(ROWS)]  # fmt: skip
+        fresh = builder.icmp_signed("<=", k0, const(0))
+        tile_start = [[builder.select(fresh, emit.zero, builder.load(p, align=emit.align))
+                       for p in row] for row in kept]  # fmt: skip
+        row_start = [[emit.zero] * ROW_VECTORS]
+
+        def row_step(k, acc):
+            return emit.panel_step(acc, h_row, k, builder.gep(b_base, [builder.mul(k, ldb)]))
+
+        def tile_step(k, acc):
+            return emit.panel_step(acc, x_rows, k, builder.gep(w_base, [builder.mul(k, ldw)]))
+
+        half = builder.ashr(kc, const(1))
+        span = builder.sub(k1, k0)
+        both = builder.select(builder.icmp_signed("<", half, span), half, span)
+
+        def mixed_step(i, accs):
+            k = builder.shl(i, const(1))
+            row = row_step(k, accs[0])
+            tile = tile_step(builder.add(k0, i), accs[1])
+            return [row_step(builder.add(k, const(1)), row), tile]
+
+        row_acc, tile_acc = emit.loop("mixed", both, [row_start, tile_start], mixed_step)
+        row_first = builder.shl(builder.select(builder.icmp_signed(">", both, const(0)), both,
+                                               const(0)), const(1))  # fmt: skip
+        (row_acc,) = emit.loop(
+            "mixed.row", builder.sub(kc, row_first), [row_acc],
+            lambda i, accs: [row_step(builder.add(row_first, i), accs[0])],
+        )  # fmt: skip
+        tile_first = builder.add(k0, builder.select(builder.icmp_signed(">", both, const(0)),
+                                                    both, const(0)))  # fmt: skip
+        (tile_acc,) = emit.loop(
+            "mixed.tile", builder.sub(k1, tile_first), [tile_acc],
+            lambda i, accs: [tile_step(builder.add(tile_first, i), accs[0])],
+        )  # fmt: skip
+        row_offsets = [builder.add(c_off, const(v * lanes)) for v in range(ROW_VECTORS)]
+        row_masks = [_lane_mask(builder, lanes, builder.sub(valid, const(v * lanes)))
+                     for v in range(ROW_VECTORS)]  # fmt: skip
+        emit.add_into_c(c_ptr, const(0), row_acc, [(row_offsets, row_masks)])
+        finish = builder.append_basic_block("mixed.finish")
+        keep = builder.append_basic_block("mixed.keep")
+        end = builder.append_basic_block("mixed.end")
+        builder.cbranch(builder.icmp_signed(">=", k1, kw), finish, keep)
+        builder.position_at_end(finish)
+        tile_masks = [_lane_mask(builder, lanes, valid0), _lane_mask(builder, lanes, valid1)]
+        emit.add_into_c(c_ptr, ldt, tile_acc, [([t_off0, t_off1], tile_masks)])
+        builder.branch(end)
+        builder.position_at_end(keep)
+        for row, pointers in zip(tile_acc, kept, strict=True):
+            for value, pointer in zip(row, pointers, strict=True):
+                builder.store(value, pointer, align=emit.align)
+        builder.branch(end)
+        builder.position_at_end(end)
         return context.get_dummy_value()
 
     return signature, codegen

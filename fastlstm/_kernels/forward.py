@@ -316,9 +316,9 @@ def one_row_inputs(xp, inputs, w_ih, bias, packed_ih, w_hh, packed, d, first, en
     """What a thread of :func:`layer_forward_one_row` does before its loop, for its hidden
     chunks first..end-1 of direction d: pack its part of W_ih (into ``packed_ih``) and of
     W_hh (into ``packed``; both shaped by :func:`fastlstm._kernels.packing.units_shape`),
-    and fill xp[d, g, t] for its units with bias + x_t W_ih^T, x_t W_ih^T for every step
-    but t_lo..t_hi-1 (the loop projects those itself: :func:`projected_in_loop`). inputs
-    (T, I).
+    and fill xp[d, g, t] for its units with the bias at every step, plus x_t W_ih^T at
+    every step but t_lo..t_hi-1 (the loop projects those itself: :func:`projected_in_loop`).
+    inputs (T, I).
 
     Each thread packs and projects its own units only, in the same task as its loop: no
     fork of its own, half the weights per core, and they land in the cache of the core
@@ -350,10 +350,12 @@ def layer_forward_one_row(
     """Direction d of one layer for a batch of one row, hidden chunks first..end-1.
 
     ``parties`` calls (one per thread) with disjoint chunk ranges run the direction
-    together. Each first projects the inputs of its own units and packs its part of the
-    weights (:func:`one_row_inputs`; packed_ih and packed are scratch of
-    :func:`fastlstm._kernels.packing.units_shape`), then per step computes its units' gates, cell
-    and output, and waits at a barrier (:mod:`fastlstm._kernels.sync`) until all have written
+    together. Each first packs its part of the weights and projects its own units' inputs
+    (:func:`one_row_inputs`; packed_ih and packed are scratch of
+    :func:`fastlstm._kernels.packing.units_shape`), but for the steps it projects during
+    the loop, a block ahead, alongside its products (:func:`projected_in_loop`,
+    :func:`one_row_step_products`); then per step it computes its units' gates, cell and
+    output, and waits at a barrier (:mod:`fastlstm._kernels.sync`) until all have written
     their part of the new state, which every product needs whole. ``state`` (D, 2, P)
     holds h_{t-1} and h_t in turn, state[d, 0] set to h0 by the caller; ``counter`` (1,)
     int64 starts at 0. No projection, no full peephole (those take

@@ -292,6 +292,7 @@ def _product_one_row_projecting(
         q = _next_tile(cursor, tiles, first, end, pairs, lanes, width, hidden)
         if j >= rows and q < 0:
             break
+        # (past the row's products, j's offsets go unused: the tile runs with inner = 0)
         g, chunk = j // (end - first), first + j % (end - first)
         off = base + g * gate_stride + chunk * width
         b_off = ((d * 4 + g) * chunks + chunk) * inner * width

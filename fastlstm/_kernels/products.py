@@ -167,15 +167,11 @@ def project_unit_chunks(xp, x, packed, d, first, end, t0, t1):
     count, base, extra = row_blocks(max(0, t1 - t0))
     for g in range(4):
         for chunk in range(first, end):
-            b_chunk = ((d * 4 + g) * chunks + chunk) * inner * width
             for v in range(0, vectors, 2):
-                col0 = chunk * width + v * lanes
-                valid0 = min(lanes, hidden - col0)
+                off0, b_off, valid0, valid1 = _unit_tile(d, g, chunk, v, chunks, inner, width,
+                                                         lanes, hidden, gate_stride)  # fmt: skip
                 if valid0 <= 0:
                     break
-                valid1 = max(0, min(lanes, hidden - col0 - lanes)) if v + 1 < vectors else 0
-                off0 = (d * 4 + g) * gate_stride + col0
-                b_off = b_chunk + v * lanes
                 ahead = b_off + 2 * lanes if v + 2 < vectors else b_off
                 for i in range(count):
                     r0 = t0 + i * base + min(i, extra)
@@ -185,6 +181,19 @@ def project_unit_chunks(xp, x, packed, d, first, end, t0, t1):
                         flat, off0 + shift, off0 + lanes + shift, hidden, a_flat, r0 * inner,
                         inner, b_flat, b_off, width, inner, block, valid0, valid1, ahead,
                     )  # fmt: skip
+
+
+@jit(inline=True)
+def _unit_tile(d, g, chunk, v, chunks, inner, width, lanes, hidden, gate_stride):
+    """A tile of a one-row batch's input projection (:func:`project_unit_chunks`, and the
+    loop's own, :func:`_with_tile`): vectors v and v + 1 of gate g's chunk. Returns the
+    offset of its first column in xp at step 0, of its panel in :func:`pack_units`' layout,
+    and how many lanes of each vector are units of H (<= 0: none)."""
+    col0 = chunk * width + v * lanes
+    valid0 = min(lanes, hidden - col0)
+    valid1 = max(0, min(lanes, hidden - col0 - lanes)) if v + 1 < width // lanes else 0
+    b_off = ((d * 4 + g) * chunks + chunk) * inner * width + v * lanes
+    return (d * 4 + g) * gate_stride + col0, b_off, valid0, valid1
 
 
 @jit(inline=True)
@@ -280,7 +289,7 @@ def _product_one_row_projecting(
     inner = h.shape[0]
     width = packed.shape[4]
     lanes = lanes_of(h)
-    pairs = width // lanes // 2  # a tile is two vectors of a chunk's ROW_VECTORS
+    pairs = (width // lanes + 1) // 2  # a tile is two vectors of a chunk's ROW_VECTORS
     tiles = 4 * (end - first) * pairs
     b_flat = packed.reshape(packed.size)
     job = (x_flat, width_in, ih_flat, chunks, t0, gate_stride, hidden, d, first, end, scratch)
@@ -334,15 +343,12 @@ def _with_tile(flat, off, h, b_flat, b_off, width, inner, valid, job, q, k0, k1)
     (see :func:`_product_one_row_projecting`)."""
     x_flat, width_in, ih_flat, chunks, t0, gate_stride, hidden, d, first, end, scratch = job
     lanes = lanes_of(h)
-    pairs = width // lanes // 2
+    pairs = (width // lanes + 1) // 2
     g = q // ((end - first) * pairs)
     chunk = first + (q // pairs) % (end - first)
-    v = 2 * (q % pairs)
-    col0 = chunk * width + v * lanes
-    valid0 = min(lanes, hidden - col0)
-    valid1 = max(0, min(lanes, hidden - col0 - lanes))
-    t_off = (d * 4 + g) * gate_stride + t0 * hidden + col0
-    w_off = ((d * 4 + g) * chunks + chunk) * width_in * width + v * lanes
+    c_off, w_off, valid0, valid1 = _unit_tile(d, g, chunk, 2 * (q % pairs), chunks, width_in,
+                                              width, lanes, hidden, gate_stride)  # fmt: skip
+    t_off = c_off + t0 * hidden
     row_tile_mixed(
         flat, off, h, b_flat, b_off, width, inner, valid, t_off, t_off + lanes, hidden,
         x_flat, t0 * width_in, width_in, ih_flat, w_off, width, k0, k1, width_in, valid0,

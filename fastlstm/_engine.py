@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fastlstm import _kernels
+from fastlstm import _kernels, _memory
 from fastlstm._config import (
     BARRIER_LOOP_MIN_FACTOR,
     FUSED_MAX_WEIGHT_BYTES,
@@ -114,7 +114,7 @@ def _take(shape: tuple, dtype: np.dtype) -> np.ndarray:
     key = (tuple(shape), np.dtype(dtype).str)
     stack = free.get(key)
     if not stack:
-        return np.empty(shape, dtype)
+        return _memory.empty(tuple(shape), dtype)  # large ones on huge pages
     array = stack.pop()
     if not stack:
         del free[key]

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from fastlstm import _memory
 from fastlstm._kernels import packing
 from fastlstm._kernels import stream as stream_kernels
 from fastlstm._kernels.stream import (
@@ -79,8 +80,11 @@ def _one_row(batch: int, hidden: int, dtype: np.dtype) -> bool:
 
 
 def _aligned_zeros(size: int, dtype: np.dtype) -> np.ndarray:
-    """A zeroed 1-D array of ``size`` elements whose first element starts a cache line."""
+    """A zeroed 1-D array of ``size`` elements whose first element starts a cache line
+    (a large one on huge pages: :mod:`fastlstm._memory`)."""
     itemsize = np.dtype(dtype).itemsize
+    if _memory.MIN_BYTES and size * itemsize >= _memory.MIN_BYTES:
+        return _memory.zeros((size,), dtype)  # starts on a page
     raw = np.zeros(size * itemsize + _LINE_BYTES, np.uint8)
     skip = -raw.ctypes.data % _LINE_BYTES
     return raw[skip : skip + size * itemsize].view(dtype)

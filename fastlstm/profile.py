@@ -34,7 +34,7 @@ import numba
 import numpy as np
 
 import fastlstm as fl
-from fastlstm import _config, _engine, _kernels
+from fastlstm import _config, _engine, _kernels, _memory
 from fastlstm._kernels import packing
 from fastlstm._kernels.products import projected_in_loop
 from fastlstm._threads import blas_single_threaded, run_tasks
@@ -126,7 +126,7 @@ def _recurrent_tasks(lstm: fl.LSTM, shape: Shape, plan: list, rng) -> list[list[
             rows = end - first
             x = (0.5 * rng.standard_normal((rows, packed_ih.shape[2]))).astype(dtype)
             h = (0.5 * rng.standard_normal((rows, out))).astype(dtype)
-            xp = np.zeros((1, 4, 1, rows * lstm.hidden_size), dtype)
+            xp = _memory.zeros((1, 4, 1, rows * lstm.hidden_size), dtype)
             tasks.append((xp, x, h, packed_ih, packed_hh, shape.seq))
         layers.append(tasks)
     return layers
@@ -144,12 +144,12 @@ def _unit_tasks(lstm: fl.LSTM, shape: Shape, plan: list, rng) -> list[list[tuple
         for d, first, end in plan:
             w_hh = np.ascontiguousarray(layer.w_hh[d : d + 1])
             units = end - first
-            packed_hh = np.empty(
+            packed_hh = _memory.empty(
                 packing.columns_shape((1, 4 * units, out), 4, dtype.itemsize), dtype
             )
             packing.pack_unit_columns(packed_hh, w_hh, first, units)
             h = (0.5 * rng.standard_normal((shape.batch, out))).astype(dtype)
-            xp = np.zeros((1, 4, 1, shape.batch * units), dtype)
+            xp = _memory.zeros((1, 4, 1, shape.batch * units), dtype)
             empty = _engine._pack_columns(w_hh, 0)
             tasks.append((xp, h, h, empty, packed_hh, shape.seq))
         layers.append(tasks)
@@ -167,11 +167,11 @@ def _one_row_tasks(lstm: fl.LSTM, shape: Shape, plan: list, rng) -> list[list[tu
             packs = []
             for w in (layer.w_hh, layer.w_ih):
                 w = np.ascontiguousarray(w[d : d + 1])
-                packs.append(np.empty(packing.units_shape(w.shape, dtype.itemsize), dtype))
+                packs.append(_memory.empty(packing.units_shape(w.shape, dtype.itemsize), dtype))
                 packing.pack_units(packs[-1], w)
             h = (0.5 * rng.standard_normal(layer.w_hh.shape[2])).astype(dtype)
             x = rng.standard_normal((shape.seq, layer.w_ih.shape[2])).astype(dtype)
-            xp = np.zeros((1, 4, shape.seq, lstm.hidden_size), dtype)
+            xp = _memory.zeros((1, 4, shape.seq, lstm.hidden_size), dtype)
             tasks.append((xp, h, packs[0], x, packs[1], first, end))
         layers.append(tasks)
     return layers
@@ -186,10 +186,10 @@ def _one_row_input_tasks(lstm: fl.LSTM, shape: Shape, plan: list, rng) -> list[l
     for layer in lstm._layers:
         width = layer.w_ih.shape[2]
         inputs = rng.standard_normal((shape.seq, width)).astype(dtype)
-        xp = np.zeros((layer.w_hh.shape[0], 4, shape.seq, lstm.hidden_size), dtype)
+        xp = _memory.zeros((layer.w_hh.shape[0], 4, shape.seq, lstm.hidden_size), dtype)
         bias = _engine._summed_bias(layer)
-        packed_ih = np.empty(packing.units_shape(layer.w_ih.shape, dtype.itemsize), dtype)
-        packed = np.empty(packing.units_shape(layer.w_hh.shape, dtype.itemsize), dtype)
+        packed_ih = _memory.empty(packing.units_shape(layer.w_ih.shape, dtype.itemsize), dtype)
+        packed = _memory.empty(packing.units_shape(layer.w_hh.shape, dtype.itemsize), dtype)
         layers.append(
             [
                 (xp, inputs, layer.w_ih, bias, packed_ih, layer.w_hh, packed, d, first, end,

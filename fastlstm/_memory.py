@@ -75,7 +75,10 @@ def _mapped(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray | None:
     span = -(-nbytes // page) * page
     # One page more than needed, so that a page boundary falls in the first page; the
     # part before it is never touched, so never backed by memory.
-    region = mmap.mmap(-1, span + page, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        region = mmap.mmap(-1, span + page, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except OSError:  # (no mapping left, e.g. vm.max_map_count reached: NumPy's memory)
+        return None
     try:
         region.madvise(mmap.MADV_HUGEPAGE)
     except OSError:  # (a kernel built without huge pages: the array is only aligned)

@@ -98,3 +98,14 @@ def test_results_on_huge_pages_match_plain_memory(monkeypatch, batch):
         results.append((out, model.grads["weight_hh_l0"].copy(), stream.step(x[0])))
     for plain, mapped in zip(*results, strict=True):
         np.testing.assert_array_equal(plain, mapped)
+
+
+def test_a_failed_mapping_falls_back_to_numpy(huge_pages, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(_memory.mmap, "mmap", refuse)
+    array = _memory.empty((1 << 20,), np.float32)
+    assert array.base is None and array.shape == (1 << 20,)
+    zeros = _memory.zeros((1 << 20,), np.float32)
+    assert zeros.base is None and not zeros.any()

@@ -84,7 +84,9 @@ def _aligned_zeros(size: int, dtype: np.dtype) -> np.ndarray:
     (a large one on huge pages: :mod:`fastlstm._memory`)."""
     itemsize = np.dtype(dtype).itemsize
     if _memory.MIN_BYTES and size * itemsize >= _memory.MIN_BYTES:
-        return _memory.zeros((size,), dtype)  # starts on a page
+        array = _memory.zeros((size,), dtype)
+        if array.ctypes.data % _LINE_BYTES == 0:  # (on a page, unless the OS refused one)
+            return array
     raw = np.zeros(size * itemsize + _LINE_BYTES, np.uint8)
     skip = -raw.ctypes.data % _LINE_BYTES
     return raw[skip : skip + size * itemsize].view(dtype)

@@ -101,11 +101,26 @@ def test_results_on_huge_pages_match_plain_memory(monkeypatch, batch):
 
 
 def test_a_failed_mapping_falls_back_to_numpy(huge_pages, monkeypatch):
-    def refuse(*args, **kwargs):
-        raise OSError(12, "Cannot allocate memory")
-
-    monkeypatch.setattr(_memory.mmap, "mmap", refuse)
+    monkeypatch.setattr(_memory.mmap, "mmap", _refuse)
     array = _memory.empty((1 << 20,), np.float32)
     assert array.base is None and array.shape == (1 << 20,)
     zeros = _memory.zeros((1 << 20,), np.float32)
     assert zeros.base is None and not zeros.any()
+
+
+def test_a_streams_large_arrays_start_on_a_cache_line_whatever_the_memory(monkeypatch):
+    from fastlstm import stream
+
+    for page in (0, HUGE):
+        monkeypatch.setattr(_memory, "HUGE_PAGE_BYTES", page)
+        monkeypatch.setattr(_memory, "MIN_BYTES", page // 2)
+        array = stream._aligned_zeros(1 << 20, np.float32)
+        assert array.shape == (1 << 20,) and not array.any()
+        assert array.ctypes.data % (page or 64) == 0
+    monkeypatch.setattr(_memory.mmap, "mmap", _refuse)  # the OS refuses the mapping
+    array = stream._aligned_zeros(1 << 20, np.float32)
+    assert array.ctypes.data % 64 == 0 and not array.any()
+
+
+def _refuse(*args, **kwargs):
+    raise OSError(12, "Cannot allocate memory")

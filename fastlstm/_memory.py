@@ -55,19 +55,21 @@ def empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     """An uninitialised C-contiguous array, on huge pages when there are any and it takes
     at least :data:`MIN_BYTES`; else ``np.empty``. The mapping lives as long as the array
     (and its views): it is unmapped with them."""
-    mapped = _mapped(shape, dtype)
+    mapped = on_huge_pages(shape, dtype)
     return mapped if mapped is not None else np.empty(shape, dtype)
 
 
 def zeros(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     """:func:`empty`, filled with zeros (a fresh mapping is zero already)."""
-    mapped = _mapped(shape, dtype)
+    mapped = on_huge_pages(shape, dtype)
     return mapped if mapped is not None else np.zeros(shape, dtype)
 
 
-def _mapped(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray | None:
+def on_huge_pages(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray | None:
     """A zeroed array in a fresh mapping advised to huge pages, starting on a huge-page
-    boundary; None when there are no huge pages or the array is under MIN_BYTES."""
+    boundary; None when there are no huge pages, the array is under MIN_BYTES or the OS
+    refuses the mapping (callers with needs of their own, such as an alignment, then
+    make their array themselves)."""
     nbytes = math.prod(shape) * np.dtype(dtype).itemsize
     if not HUGE_PAGE_BYTES or nbytes < MIN_BYTES:
         return None

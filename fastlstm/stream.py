@@ -83,10 +83,9 @@ def _aligned_zeros(size: int, dtype: np.dtype) -> np.ndarray:
     """A zeroed 1-D array of ``size`` elements whose first element starts a cache line
     (a large one on huge pages: :mod:`fastlstm._memory`)."""
     itemsize = np.dtype(dtype).itemsize
-    if _memory.MIN_BYTES and size * itemsize >= _memory.MIN_BYTES:
-        array = _memory.zeros((size,), dtype)
-        if array.ctypes.data % _LINE_BYTES == 0:  # (on a page, unless the OS refused one)
-            return array
+    mapped = _memory.on_huge_pages((size,), dtype)  # (starts on a page)
+    if mapped is not None:
+        return mapped
     raw = np.zeros(size * itemsize + _LINE_BYTES, np.uint8)
     skip = -raw.ctypes.data % _LINE_BYTES
     return raw[skip : skip + size * itemsize].view(dtype)

@@ -31,6 +31,7 @@ from fastlstm._config import (
     PARALLEL_MIN_MACS,
     SMALL_ROW_MACS,
     SPLIT_PARTS,
+    UNITS_SPLIT_MIN_WEIGHT_BYTES,
 )
 from fastlstm._kernels import packing, sync, tiles
 from fastlstm._precompile import notice_first_compile
@@ -523,7 +524,10 @@ def units_plan(steps: int, batch: int, layer: LayerArrays, fused: bool) -> list[
 
     Taken for one direction, a batch of several rows, the input projection outside the
     loop (weights beyond FUSED_MAX_WEIGHT_BYTES), no projection or full peephole, two
-    threads and a loop above :func:`_barrier_min_macs`. The ranges split at a whole panel
+    threads and a loop above :func:`_barrier_min_macs`, when the row chunks of
+    :func:`_plan` would not run in parallel, or would leave a thread at most one register
+    block of rows (tiles.ROWS) with a W_hh of UNITS_SPLIT_MIN_WEIGHT_BYTES or more (see
+    there). The ranges split at a whole panel
     (two vectors of units, the tile's width), where the two threads' vectors are closest
     in number: a vector with some units valid costs as much as a full one, so at H = 500
     in float64 (63 vectors of 8) 256 + 244 units take 32 and 31 vectors, where cutting at
@@ -543,6 +547,12 @@ def units_plan(steps: int, batch: int, layer: LayerArrays, fused: bool) -> list[
         or not sync.AVAILABLE
         or hidden < 2 * panel
         or steps * batch * gates * out_size < _barrier_min_macs()
+    ):
+        return []
+    row_tasks, rows_in_parallel = _plan(steps, batch, directions, gates, out_size)
+    widest = max(end - first for _, first, end in row_tasks)
+    if rows_in_parallel and (
+        widest > tiles.ROWS or layer.w_hh.nbytes < UNITS_SPLIT_MIN_WEIGHT_BYTES
     ):
         return []
     vectors = -(-hidden // lanes)

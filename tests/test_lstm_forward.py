@@ -906,6 +906,31 @@ def test_hidden_unit_split_balances_vectors(monkeypatch, restore_threads, dtype)
 
 
 @dtypes
+def test_hidden_unit_split_only_where_row_chunks_are_thin(monkeypatch, restore_threads, dtype):
+    """Beyond the fused limit, two threads: the loop splits hidden units where the row
+    chunks would not run in parallel (a batch under two chunks of MIN_CHUNK_ROWS), or would
+    give a thread at most one register block of rows with W_hh of at least
+    UNITS_SPLIT_MIN_WEIGHT_BYTES; otherwise it splits rows (no barrier per step)."""
+    monkeypatch.setattr(_engine, "PARALLEL_MIN_MACS", 0)
+    fl.set_num_threads(2)
+    hidden = 4 * tiles.VECTOR_BYTES // np.dtype(dtype).itemsize
+    layer = fl.LSTM(I, hidden, dtype=dtype, seed=0)._layers[0]
+    thin = 2 * tiles.ROWS  # two chunks of ROWS rows
+    thick = 2 * tiles.ROWS + 2
+    too_few = 2 * tiles.MIN_CHUNK_ROWS - 1  # one chunk: the row loop runs on one thread
+    monkeypatch.setattr(_engine, "UNITS_SPLIT_MIN_WEIGHT_BYTES", layer.w_hh.nbytes)
+    assert _engine.units_plan(T, thin, layer, False)
+    assert _engine.units_plan(T, too_few, layer, False)
+    assert _engine.units_plan(T, thick, layer, False) == []
+    monkeypatch.setattr(_engine, "UNITS_SPLIT_MIN_WEIGHT_BYTES", layer.w_hh.nbytes + 1)
+    assert _engine.units_plan(T, thin, layer, False) == []
+    assert _engine.units_plan(T, too_few, layer, False)
+    assert _engine.units_plan(T, thick, layer, True) == []  # fused: never
+    fl.set_num_threads(1)
+    assert _engine.units_plan(T, thin, layer, False) == []
+
+
+@dtypes
 @pytest.mark.parametrize("peephole", [None, "diagonal"])
 def test_hidden_unit_split_equals_row_loop(rng, monkeypatch, restore_threads, dtype, peephole):
     """Weights beyond the fused limit, one direction, two threads: the forward loop splits

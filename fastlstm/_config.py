@@ -34,6 +34,13 @@ PARALLEL_MIN_MACS = 2_000_000
 # barrier every step, and go parallel only from this many times PARALLEL_MIN_MACS (one
 # row, 3.1-3.7 M: 0.80-1.22x in two tasks).
 BARRIER_LOOP_MIN_FACTOR = 2
+# A batch of several rows split by hidden units meets at the barrier after every step's
+# gates for all its rows; it goes parallel only from this many multiply-adds per step
+# (B x 4H x H): below, the barrier and the per-row gate calls cost more than half the
+# step saves. Measured on an AMD EPYC Zen 4, B = 2-5 rows (too few for two row chunks),
+# serial against the split: H = 64 (16-82 K per step) 0.8-1.04x, H = 128 (131-328 K)
+# 1.14-1.43x, H = 256 and 512 1.1-1.74x.
+UNITS_STEP_MIN_MACS = 100_000
 
 # A layer's time loop projects each step's inputs itself (x_t W_ih^T next to h W_hh^T,
 # while the step's gate block is in cache) when one direction's W_ih and W_hh together

@@ -32,6 +32,7 @@ from fastlstm._config import (
     SMALL_ROW_MACS,
     SPLIT_PARTS,
     UNITS_SPLIT_MIN_WEIGHT_BYTES,
+    UNITS_STEP_MIN_MACS,
 )
 from fastlstm._kernels import packing, sync, tiles
 from fastlstm._precompile import notice_first_compile
@@ -194,6 +195,40 @@ def fuses_input_projection(batch: int, w_ih: np.ndarray, w_hh: np.ndarray) -> bo
     steps first (project_inputs) is faster.
     """
     return batch > 1 and w_ih[0].nbytes + w_hh[0].nbytes <= FUSED_MAX_WEIGHT_BYTES
+
+
+def loop_route(steps: int, batch: int, layer: LayerArrays) -> tuple[bool, list[tuple]]:
+    """(the loop projects its inputs, hidden-unit ranges of :func:`units_plan` or []) for a
+    layer's forward loop over a batch of several rows.
+
+    The fused loop splits only by rows; a batch too thin for two row chunks (under
+    2 MIN_CHUNK_ROWS rows) would run it on one thread. Where its loop is worth splitting by
+    hidden units (:func:`_splits_units`), such a batch projects its inputs first instead,
+    on any thread count: the route, and with it every sum's order, depends on the shape
+    alone, so one thread gives the same numbers as two.
+    """
+    fused = fuses_input_projection(batch, layer.w_ih, layer.w_hh)
+    if fused and batch < 2 * tiles.MIN_CHUNK_ROWS and _splits_units(steps, batch, layer):
+        fused = False
+    return fused, units_plan(steps, batch, layer, fused)
+
+
+def _splits_units(steps: int, batch: int, layer: LayerArrays) -> bool:
+    """Whether the shape allows a loop split by hidden units (:func:`units_plan`) and makes
+    it worth a barrier per step: one direction, several rows, no projection or full
+    peephole, two panels of units or more, a loop above :func:`_barrier_min_macs` and
+    UNITS_STEP_MIN_MACS a step. The thread count is not asked."""
+    directions, gates, out_size = layer.w_hh.shape
+    panel = 2 * tiles.VECTOR_BYTES // layer.w_hh.itemsize
+    return (
+        directions == 1
+        and batch >= 2
+        and layer.w_hr is None
+        and layer.w_ch is None
+        and gates // 4 >= 2 * panel
+        and steps * batch * gates * out_size >= _barrier_min_macs()
+        and batch * gates * out_size >= UNITS_STEP_MIN_MACS
+    )
 
 
 def _parts(macs: int) -> int:
@@ -397,7 +432,7 @@ def forward(
         width = layer_in.shape[2]
         inputs = layer_in.reshape(steps * batch, width)
         bias = _summed_bias(layer)
-        fused = fuses_input_projection(batch, layer.w_ih, layer.w_hh)
+        fused, unit_tasks = loop_route(steps, batch, layer)
         # Training keeps every step's gates for backward; inference with the projection in
         # the loop needs one step's.
         slots = steps if training or not fused else 1
@@ -406,7 +441,6 @@ def forward(
         if not fused and not one_row_layer:  # (a one-row loop projects its own inputs)
             _timed(timings, "input_gemm", _project_inputs, xp, inputs, layer.w_ih, bias)
         out = np.empty((steps, batch, directions * out_size), dtype)
-        unit_tasks = units_plan(steps, batch, layer, fused)
         if training:
             xh = _take((directions, steps * batch, width + out_size), dtype)
             if one_row_layer or unit_tasks:
@@ -518,36 +552,26 @@ def backward(
 
 
 def units_plan(steps: int, batch: int, layer: LayerArrays, fused: bool) -> list[tuple]:
-    """Hidden-unit ranges (direction, first unit, end unit) for a batch whose weights
-    outgrow the cache, one per thread with a barrier per step (layer_forward_units), or
-    [] for the row chunks of :func:`_plan`.
+    """Hidden-unit ranges (direction, first unit, end unit), one per thread with a barrier
+    per step (layer_forward_units), or [] for the row chunks of :func:`_plan`.
 
-    Taken for one direction, a batch of several rows, the input projection outside the
-    loop (weights beyond FUSED_MAX_WEIGHT_BYTES), no projection or full peephole, two
-    threads and a loop above :func:`_barrier_min_macs`, when the row chunks of
-    :func:`_plan` would not run in parallel, or would leave a thread at most one register
-    block of rows (tiles.ROWS) with a W_hh of UNITS_SPLIT_MIN_WEIGHT_BYTES or more (see
-    there). The ranges split at a whole panel
-    (two vectors of units, the tile's width), where the two threads' vectors are closest
-    in number: a vector with some units valid costs as much as a full one, so at H = 500
-    in float64 (63 vectors of 8) 256 + 244 units take 32 and 31 vectors, where cutting at
-    half the units rounded down to a panel (240 + 260) gave 30 and 33.
+    Taken for the input projection outside the loop (``fused`` False), two threads and a
+    shape that :func:`_splits_units` allows, when the row chunks of :func:`_plan` would not
+    run in parallel (a thin batch: see :func:`loop_route`), or would leave a thread at most
+    one register block of rows (tiles.ROWS) with a W_hh of UNITS_SPLIT_MIN_WEIGHT_BYTES or
+    more (see there). The ranges split at a whole panel (two vectors of units, the tile's
+    width), where the two threads' vectors are closest in number: a vector with some units
+    valid costs as much as a full one, so at H = 500 in float64 (63 vectors of 8) 256 + 244
+    units take 32 and 31 vectors, where cutting at half the units rounded down to a panel
+    (240 + 260) gave 30 and 33.
     """
     directions, gates, out_size = layer.w_hh.shape
     hidden = gates // 4
     lanes = tiles.VECTOR_BYTES // layer.w_hh.itemsize
     panel = 2 * lanes
-    if (
-        fused
-        or directions != 1
-        or batch < 2
-        or layer.w_hr is not None
-        or layer.w_ch is not None
-        or get_num_threads() < 2
-        or not sync.AVAILABLE
-        or hidden < 2 * panel
-        or steps * batch * gates * out_size < _barrier_min_macs()
-    ):
+    if fused or get_num_threads() < 2 or not sync.AVAILABLE:
+        return []
+    if not _splits_units(steps, batch, layer):
         return []
     row_tasks, rows_in_parallel = _plan(steps, batch, directions, gates, out_size)
     widest = max(end - first for _, first, end in row_tasks)

@@ -68,7 +68,12 @@ def _every_route():
 
     saved = {
         name: getattr(_engine, name)
-        for name in ("FUSED_MAX_WEIGHT_BYTES", "PARALLEL_MIN_MACS", "PACKED_PROJECTION_BYTES")
+        for name in (
+            "FUSED_MAX_WEIGHT_BYTES",
+            "PARALLEL_MIN_MACS",
+            "UNITS_STEP_MIN_MACS",
+            "PACKED_PROJECTION_BYTES",
+        )  # fmt: skip
     }
     try:
         yield _engine
@@ -105,6 +110,7 @@ def _tasks(dtypes: Sequence[str], train: bool) -> list[tuple[str, Callable[[], N
                         engine.FUSED_MAX_WEIGHT_BYTES = 1 << 40 if fused else 0
                         engine.PACKED_PROJECTION_BYTES = 1 << 40
                         engine.PARALLEL_MIN_MACS = 0 if parallel else 1 << 62
+                        engine.UNITS_STEP_MIN_MACS = 0 if parallel else 1 << 62
                         model.train(mode != "forward")
                         out, _ = model(x)
                         if mode != "forward":

@@ -113,7 +113,7 @@ def _recurrent_tasks(lstm: fl.LSTM, shape: Shape, plan: list, rng) -> list[list[
     layers = []
     for layer in lstm._layers:
         tasks = []
-        fused = _engine.fuses_input_projection(shape.batch, layer.w_ih, layer.w_hh)
+        fused = _engine.loop_route(shape.seq, shape.batch, layer)[0]
         for d, first, end in plan:
             w_ih = np.ascontiguousarray(layer.w_ih[d : d + 1])
             w_hh = np.ascontiguousarray(layer.w_hh[d : d + 1])
@@ -340,8 +340,7 @@ def profile(
             tasks = _one_row_tasks(lstm, shape, plan, rng)
         else:
             layer0 = lstm._layers[0]
-            fused0 = _engine.fuses_input_projection(shape.batch, layer0.w_ih, layer0.w_hh)
-            unit_tasks = _engine.units_plan(shape.seq, shape.batch, layer0, fused0)
+            unit_tasks = _engine.loop_route(shape.seq, shape.batch, layer0)[1]
             kernel = _kernels.recurrent_products_only
             if unit_tasks:
                 plan, parallel, blas_single = unit_tasks, True, False
@@ -366,7 +365,7 @@ def profile(
         machine = machine_info()
         machine["fastlstm_threads"] = fl.get_num_threads()
 
-    fused = _engine.fuses_input_projection(shape.batch, lstm._layers[0].w_ih, lstm._layers[0].w_hh)
+    fused = _engine.loop_route(shape.seq, shape.batch, lstm._layers[0])[0]
     work = phase_flops(shape, layers=layers, directions=directions, fused=fused)
     return {
         "config": {

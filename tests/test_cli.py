@@ -306,8 +306,9 @@ def test_profile_times_the_hidden_unit_split_as_the_loop_runs_it(capsys, monkeyp
         pytest.fail("this machine has fewer than 2 cores; the suite expects at least 2")
     monkeypatch.setattr(_engine, "FUSED_MAX_WEIGHT_BYTES", 0)
     monkeypatch.setattr(_engine, "PARALLEL_MIN_MACS", 0)
+    monkeypatch.setattr(_engine, "UNITS_STEP_MIN_MACS", 0)
     json_path = tmp_path / "profile.json"
-    text = _run(capsys, "profile", "--batch", "8", "--seq", "5", "--input", "16", "--hidden",
+    text = _run(capsys, "profile", "--batch", "5", "--seq", "5", "--input", "16", "--hidden",
                 "64", "--repeats", "2", "--threads", "2", "--json", str(json_path))  # fmt: skip
     assert "packed micro-kernel, hidden units split" in text
     assert "direction 0 units 0..31, direction 0 units 32..63); no BLAS in the loop" in text

@@ -893,12 +893,14 @@ def test_hidden_unit_split_balances_vectors(monkeypatch, restore_threads, dtype)
     tile computes it) at most one panel apart: at H = 500 in float64 with 512-bit
     vectors, 256 + 244 units (32 and 31 vectors), not 240 + 260 (30 and 33)."""
     monkeypatch.setattr(_engine, "PARALLEL_MIN_MACS", 0)
+    monkeypatch.setattr(_engine, "UNITS_STEP_MIN_MACS", 0)
     fl.set_num_threads(2)
     lanes = tiles.VECTOR_BYTES // np.dtype(dtype).itemsize
     panel = 2 * lanes
+    thin = 2 * tiles.MIN_CHUNK_ROWS - 1
     for hidden in range(2 * panel, 6 * panel + 1):
         layer = fl.LSTM(I, hidden, dtype=dtype, seed=0)._layers[0]
-        (d0, first0, end0), (d1, first1, end1) = _engine.units_plan(T, 7, layer, False)
+        (d0, first0, end0), (d1, first1, end1) = _engine.units_plan(T, thin, layer, False)
         assert (d0, first0, d1, end1) == (0, 0, 0, hidden)
         assert end0 == first1 and end0 % panel == 0 and 0 < end0 < hidden
         vectors = (end0 // lanes, -(-(hidden - end0) // lanes))
@@ -907,11 +909,13 @@ def test_hidden_unit_split_balances_vectors(monkeypatch, restore_threads, dtype)
 
 @dtypes
 def test_hidden_unit_split_only_where_row_chunks_are_thin(monkeypatch, restore_threads, dtype):
-    """Beyond the fused limit, two threads: the loop splits hidden units where the row
-    chunks would not run in parallel (a batch under two chunks of MIN_CHUNK_ROWS), or would
-    give a thread at most one register block of rows with W_hh of at least
-    UNITS_SPLIT_MIN_WEIGHT_BYTES; otherwise it splits rows (no barrier per step)."""
+    """Two threads: the loop splits hidden units where the row chunks would not run in
+    parallel (a batch under two chunks of MIN_CHUNK_ROWS; within the fused limit too,
+    leaving the fused loop), or would give a thread at most one register block of rows
+    with W_hh of at least UNITS_SPLIT_MIN_WEIGHT_BYTES, and a step has UNITS_STEP_MIN_MACS
+    multiply-adds; otherwise it splits rows (no barrier per step) or runs on one thread."""
     monkeypatch.setattr(_engine, "PARALLEL_MIN_MACS", 0)
+    monkeypatch.setattr(_engine, "UNITS_STEP_MIN_MACS", 0)
     fl.set_num_threads(2)
     hidden = 4 * tiles.VECTOR_BYTES // np.dtype(dtype).itemsize
     layer = fl.LSTM(I, hidden, dtype=dtype, seed=0)._layers[0]
@@ -926,18 +930,36 @@ def test_hidden_unit_split_only_where_row_chunks_are_thin(monkeypatch, restore_t
     assert _engine.units_plan(T, thin, layer, False) == []
     assert _engine.units_plan(T, too_few, layer, False)
     assert _engine.units_plan(T, thick, layer, True) == []  # fused: never
-    fl.set_num_threads(1)
+    step = too_few * layer.w_hh.shape[1] * layer.w_hh.shape[2]  # multiply-adds a step
+    monkeypatch.setattr(_engine, "UNITS_STEP_MIN_MACS", step + 1)
+    assert _engine.units_plan(T, too_few, layer, False) == []
+    assert _engine.loop_route(T, too_few, layer) == (True, [])  # the fused loop, one thread
+    monkeypatch.setattr(_engine, "UNITS_STEP_MIN_MACS", step)
+    assert _engine.units_plan(T, too_few, layer, False)
+    # Within the fused limit a thin batch leaves the fused loop for the split; two row
+    # chunks keep it.
+    fused, tasks = _engine.loop_route(T, too_few, layer)
+    assert not fused and tasks == _engine.units_plan(T, too_few, layer, False)
+    assert _engine.loop_route(T, 2 * tiles.MIN_CHUNK_ROWS, layer) == (True, [])
+    fl.set_num_threads(1)  # one thread: no split, but the same route (the same sums)
     assert _engine.units_plan(T, thin, layer, False) == []
+    assert _engine.loop_route(T, too_few, layer) == (False, [])
 
 
 @dtypes
 @pytest.mark.parametrize("peephole", [None, "diagonal"])
-def test_hidden_unit_split_equals_row_loop(rng, monkeypatch, restore_threads, dtype, peephole):
-    """Weights beyond the fused limit, one direction, two threads: the forward loop splits
-    the hidden units (a barrier per step) and gives the row loop's numbers bit for bit
-    (one thread), with lengths, in training (then backward) and inference."""
+@pytest.mark.parametrize("weights", ["beyond the fused limit", "within it"])
+def test_hidden_unit_split_equals_row_loop(
+    rng, monkeypatch, restore_threads, dtype, peephole, weights
+):
+    """A batch too thin for two row chunks, one direction, two threads: the forward loop
+    projects its inputs first (within the fused limit too: :func:`_engine.loop_route`),
+    splits the hidden units (a barrier per step) and gives the row loop's numbers bit for
+    bit (one thread), with lengths, in training (then backward) and inference."""
     monkeypatch.setattr(_engine, "PARALLEL_MIN_MACS", 0)
-    monkeypatch.setattr(_engine, "FUSED_MAX_WEIGHT_BYTES", 0)
+    monkeypatch.setattr(_engine, "UNITS_STEP_MIN_MACS", 0)
+    if weights == "beyond the fused limit":
+        monkeypatch.setattr(_engine, "FUSED_MAX_WEIGHT_BYTES", 0)
     seen = []
     real = _engine._forward_units
 
@@ -950,9 +972,9 @@ def test_hidden_unit_split_equals_row_loop(rng, monkeypatch, restore_threads, dt
     # the second the rest, a part-valid vector included.
     lanes = tiles.VECTOR_BYTES // np.dtype(dtype).itemsize
     panel = 2 * lanes
-    batch, hidden = 7, 2 * panel + lanes // 2
+    batch, hidden = 2 * tiles.MIN_CHUNK_ROWS - 1, 2 * panel + lanes // 2
     model = fl.LSTM(I, hidden, 2, peephole=peephole, dtype=dtype, seed=31)
-    lengths = np.array([5, 0, 3, 5, 1, 2, 4])
+    lengths = np.array([5, 0, 3, 5, 1, 2, 4, 3, 2])[:batch]
     x = rng.standard_normal((T, batch, I)).astype(dtype)
     dout = rng.standard_normal((T, batch, hidden)).astype(dtype)
     args = (x, random_state(rng, model, batch), lengths, dout, *random_state(rng, model, batch))

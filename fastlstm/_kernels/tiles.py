@@ -44,9 +44,13 @@ ROWS = VARIANT.rows  # rows of the register block: 2 ROWS accumulators + 2 panel
 # One row (a batch of one): this many vectors at once, so that independent accumulator
 # chains hide the multiply-add latency (2 per row would leave the FMA units idle).
 ROW_VECTORS = VARIANT.row_vectors
-# The fewest rows worth a thread's own chunk of a batch: a block of r rows keeps 2 r FMA
-# chains, and two FMA units of 4-5 cycles' latency need about 10 (or ROWS, if fewer).
-MIN_CHUNK_ROWS = min(ROWS, 5)
+# The fewest rows worth a thread's own chunk of a batch. A block of r rows keeps 2 r FMA
+# chains, and a core's FMA units (two, of 4-5 cycles' latency) need about 10 to stay busy:
+# two threads of r rows beat one thread of 2 r once their 4 r chains in all exceed those
+# 10, from r = 3. Measured on an AMD EPYC Zen 4, forward, B = 6-9, H = 64-256 (float32 and
+# float64): chunks of 3-5 rows 1.3-1.9x faster than one thread; of 2 rows (B = 4, 5)
+# 0.75-1.5x.
+MIN_CHUNK_ROWS = min(ROWS, 3)
 # The one-row product takes a later block of steps' input projection along
 # (:func:`row_tile_mixed`) where both sets of accumulators fit in the vector registers
 # next to the panels and broadcasts: with AVX-512's 32 (8 + 16 + 3), not AVX2's 16.

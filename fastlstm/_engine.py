@@ -520,10 +520,16 @@ def backward(
         has_proj = layer.w_hr is not None
         dhstore = _take((directions, steps, batch, out_size) if has_proj else (0,) * 4, dtype)
         rows = slice(k * directions, (k + 1) * directions)
+        unit_tasks = units_plan(steps, batch, layer, False) if batch > 1 else []
         if batch == 1 and not has_proj and layer.w_ch is None:
             packed = _backward_one_row(
                 timings, layer, cache, dh0[rows], dc0[rows], np.ascontiguousarray(d_layer_out),
                 dh_n[rows], dc_n[rows], lengths,
+            )  # fmt: skip
+        elif unit_tasks:
+            packed = _backward_units(
+                timings, layer, unit_tasks, cache, dh0[rows], dc0[rows],
+                np.ascontiguousarray(d_layer_out), dh_n[rows], dc_n[rows], lengths,
             )  # fmt: skip
         else:
             packed = _timed(timings, "pack_weights", backward_panels, layer)
@@ -553,7 +559,8 @@ def backward(
 
 def units_plan(steps: int, batch: int, layer: LayerArrays, fused: bool) -> list[tuple]:
     """Hidden-unit ranges (direction, first unit, end unit), one per thread with a barrier
-    per step (layer_forward_units), or [] for the row chunks of :func:`_plan`.
+    per step (layer_forward_units, layer_backward_units), or [] for the row chunks of
+    :func:`_plan`.
 
     Taken for the input projection outside the loop (``fused`` False), two threads and a
     shape that :func:`_splits_units` allows, when the row chunks of :func:`_plan` would not
@@ -653,6 +660,24 @@ def _backward_one_row(timings, layer, cache, dh0, dc0, dout, dh_n, dc_n, lengths
     calls = [(*args, *task, state, counter, parties) for task in tasks]
     _timed(timings, "backward_time_loop", _run_one_row, _kernels.layer_backward_one_row,
            calls, parties, parallel)  # fmt: skip
+    return (packed,)
+
+
+def _backward_units(timings, layer, tasks, cache, dh0, dc0, dout, dh_n, dc_n, lengths) -> tuple:
+    """One layer's backward loop split by hidden units (units_plan; the forward's split need
+    not be the same, the numbers are); returns the packed weights."""
+    dtype = layer.w_hh.dtype
+    packed = _timed(timings, "pack_weights", _pack_rows, layer.w_hh)
+    state = np.empty((2, dout.shape[1], layer.w_hh.shape[2]), dtype)
+    state[0] = dh_n[0]
+    counter = np.zeros(1, np.int64)
+    args = (
+        cache.xp, dh0, dc0, dout, dh_n, dc_n, cache.cstate, cache.c0, packed,
+        _optional(layer.peep, dtype), lengths,
+    )  # fmt: skip
+    calls = [(*args, *task, state, counter, len(tasks)) for task in tasks]
+    _timed(timings, "backward_time_loop", _run_one_row, _kernels.layer_backward_units, calls,
+           len(tasks), True)  # fmt: skip
     return (packed,)
 
 

@@ -954,20 +954,27 @@ def test_hidden_unit_split_equals_row_loop(
 ):
     """A batch too thin for two row chunks, one direction, two threads: the forward loop
     projects its inputs first (within the fused limit too: :func:`_engine.loop_route`),
-    splits the hidden units (a barrier per step) and gives the row loop's numbers bit for
-    bit (one thread), with lengths, in training (then backward) and inference."""
+    the forward and backward loops split the hidden units (a barrier per step) and give the
+    row loops' numbers bit for bit (one thread), with lengths, in training (then backward,
+    gradients included) and inference."""
     monkeypatch.setattr(_engine, "PARALLEL_MIN_MACS", 0)
     monkeypatch.setattr(_engine, "UNITS_STEP_MIN_MACS", 0)
     if weights == "beyond the fused limit":
         monkeypatch.setattr(_engine, "FUSED_MAX_WEIGHT_BYTES", 0)
     seen = []
     real = _engine._forward_units
+    real_backward = _engine._backward_units
 
     def spy(*args):
         seen.append(args[2])
         return real(*args)
 
+    def spy_backward(*args):
+        seen.append(("backward", args[2]))
+        return real_backward(*args)
+
     monkeypatch.setattr(_engine, "_forward_units", spy)
+    monkeypatch.setattr(_engine, "_backward_units", spy_backward)
     # Two panels and half a vector of units: the split gives the first thread one panel and
     # the second the rest, a part-valid vector included.
     lanes = tiles.VECTOR_BYTES // np.dtype(dtype).itemsize
@@ -983,7 +990,8 @@ def test_hidden_unit_split_equals_row_loop(
     assert seen == []
     fl.set_num_threads(2)
     split = run_forward_backward(model, *args)
-    assert seen == [[(0, 0, panel), (0, panel, hidden)]] * 2  # both layers
+    tasks = [(0, 0, panel), (0, panel, hidden)]
+    assert seen == [tasks] * 2 + [("backward", tasks)] * 2  # both layers, forward and back
     for name, value in serial.items():
         np.testing.assert_array_equal(split[name], value, err_msg=name)
     model.eval()

@@ -51,7 +51,11 @@ rows are computed like the others (their inputs are zero) and then put back: the
 carried, the output zeroed, and in backward their gradient is dropped.
 """
 
-from fastlstm._kernels.backward import layer_backward_one_row, layer_backward_rows
+from fastlstm._kernels.backward import (
+    layer_backward_one_row,
+    layer_backward_rows,
+    layer_backward_units,
+)
 from fastlstm._kernels.forward import (
     layer_forward_one_row,
     layer_forward_rows,
@@ -67,6 +71,7 @@ __all__ = [
     "extra_weight_gradients",
     "layer_backward_one_row",
     "layer_backward_rows",
+    "layer_backward_units",
     "layer_forward_one_row",
     "layer_forward_rows",
     "layer_forward_units",

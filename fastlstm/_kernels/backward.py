@@ -2,7 +2,9 @@
 
 - :func:`layer_backward_rows`: batch rows b0..b1 of one direction;
 - :func:`layer_backward_one_row`: a batch of one row, a thread's hidden chunks, a barrier
-  per step.
+  per step;
+- :func:`layer_backward_units`: every row of a batch, a thread's hidden units, a barrier
+  per step (the backward of :func:`fastlstm._kernels.forward.layer_forward_units`).
 
 The weight gradients follow in :mod:`fastlstm._kernels.gradients`. Layout and sizes: see
 :mod:`fastlstm._kernels`.
@@ -26,8 +28,9 @@ from fastlstm._kernels.gates import (
     sum1,
     tiled_peepholes,
 )
-from fastlstm._kernels.products import product_ab, product_one_row_back
+from fastlstm._kernels.products import product_ab, product_ab_panels, product_one_row_back
 from fastlstm._kernels.sync import arrive_and_wait
+from fastlstm._kernels.tiles import lanes_of
 
 
 @jit
@@ -165,3 +168,80 @@ def layer_backward_one_row(
     dh = state[d, current]
     copy1(dh0[d, 0, lo:hi], dh[lo:hi])
     copy1(dc0[d, 0, lo:hi], dc)
+
+
+@jit
+def layer_backward_units(
+    xp, dh0, dc0, dout, dh_n, dc_n, cstate, c0, packed, peep, lengths,
+    d, first, end, state, counter, parties,
+):  # fmt: skip
+    """Direction d of one layer backward for every batch row, hidden units first..end-1:
+    dL/da into xp, dh0 and dc0 for those units.
+
+    ``parties`` calls (one per thread) with disjoint unit ranges that start at whole panels
+    run the direction together, as :func:`layer_backward_one_row` does for one row: per
+    step each computes its units' dL/da for every row, waits at the barrier until all
+    have, then every row's dL/dh_{t-1} for its own units' columns from all units' dL/da
+    (``packed``: the panels of W_hh, pack_rows). ``state`` (2, B, P) holds dL/dh in turn,
+    state[0] set to dh_n[d] by the caller; each party reads and writes its own columns of
+    it alone. ``counter`` (1,) int64 starts at 0. No projection, no full peephole. Results
+    equal :func:`layer_backward_rows`' bit for bit (the same sums in the same order).
+    """
+    steps = xp.shape[2]
+    batch = lengths.shape[0]
+    hidden = c0.shape[2]
+    out_size = dh0.shape[2]
+    units = end - first
+    ocol = d * out_size
+    p_i, p_f, p_o = peephole_units(peep, d, first, end)
+    dc = np.empty(batch * units, dtype=c0.dtype)
+    for r in range(batch):
+        copy1(dc[r * units : (r + 1) * units], dc_n[d, r, first:end])
+    dm = np.empty(units, dtype=c0.dtype)
+    gate_stride = steps * xp.shape[3]
+    width = 2 * lanes_of(dc)  # columns per panel
+    p_first = first // width
+    p_end = (end + width - 1) // width
+    current = 0
+    for s in range(steps):
+        t = s if d == 1 else steps - 1 - s  # the forward order, reversed
+        t_prev = t + 1 if d == 1 else t - 1
+        dh = state[current]
+        dh_next = state[1 - current]
+        for r in range(batch):
+            off = r * hidden
+            ai = xp[d, 0, t, off + first : off + end]
+            af = xp[d, 1, t, off + first : off + end]
+            ag = xp[d, 2, t, off + first : off + end]
+            ao = xp[d, 3, t, off + first : off + end]
+            if t < lengths[r]:
+                sum1(dm, dh[r, first:end], dout[t, r, ocol + first : ocol + end])
+                c_t = cstate[d, t, off + first : off + end]
+                if 0 <= t_prev < steps:
+                    c_prev = cstate[d, t_prev, off + first : off + end]
+                else:
+                    c_prev = c0[d, r, first:end]
+                dc_row = dc[r * units : (r + 1) * units]
+                gates_backward(ai, af, ag, ao, dc_row, dm, c_t, c_prev, p_i, p_f, p_o)
+            else:  # no gradient flows into a padded step; dc passes through
+                for j in range(units):
+                    ai[j] = 0
+                    af[j] = 0
+                    ag[j] = 0
+                    ao[j] = 0
+        if parties > 1:
+            arrive_and_wait(counter, parties * (s + 1))
+        for r in range(batch):
+            for j in range(first, end):
+                dh_next[r, j] = 0
+        base = d * 4 * gate_stride + t * xp.shape[3]
+        product_ab_panels(dh_next, batch, xp, base, gate_stride, hidden, hidden, packed, d, 0, 4,
+                          p_first, p_end)  # fmt: skip
+        for r in range(batch):
+            if t >= lengths[r]:  # the state was carried through a padded step
+                copy1(dh_next[r, first:end], dh[r, first:end])
+        current = 1 - current
+    dh = state[current]
+    for r in range(batch):
+        copy1(dh0[d, r, first:end], dh[r, first:end])
+        copy1(dc0[d, r, first:end], dc[r * units : (r + 1) * units])

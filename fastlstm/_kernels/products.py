@@ -103,18 +103,28 @@ def _product_abt(flat, c_base, c_block_stride, ldc, width, rows, a_flat, a_base,
 @jit(inline=True)
 def product_ab(c, rows, a, a_base, a_block_stride, lda, kc, packed, d, k_first, blocks):
     """C += sum over blocks of A_g W_d[...]; see :func:`_product_ab`."""
+    product_ab_panels(c, rows, a, a_base, a_block_stride, lda, kc, packed, d, k_first, blocks,
+                      0, packed.shape[1])  # fmt: skip
+
+
+@jit(inline=True)
+def product_ab_panels(
+    c, rows, a, a_base, a_block_stride, lda, kc, packed, d, k_first, blocks, p_first, p_end
+):  # fmt: skip
+    """:func:`product_ab` for C's columns of panels p_first..p_end-1 alone (two vectors of
+    columns each); the other columns are neither read nor written."""
     _product_ab(
         c.reshape(c.size), np.intp(c.shape[1]), np.intp(rows), a.reshape(a.size),
         np.intp(a_base), np.intp(a_block_stride), np.intp(lda), np.intp(kc), packed,
-        np.intp(d), np.intp(k_first), np.intp(blocks),
+        np.intp(d), np.intp(k_first), np.intp(blocks), np.intp(p_first), np.intp(p_end),
     )  # fmt: skip
 
 
 @jit
 def _product_ab(c_flat, width, rows, a_flat, a_base, a_block_stride, lda, kc, packed, d, k_first,
-                blocks):  # fmt: skip
+                blocks, p_first, p_end):  # fmt: skip
     """C += sum over blocks g of A_g W_d[k_first + g kc : ..., :] with W packed by
-    :func:`pack_rows`.
+    :func:`pack_rows`, for the columns of panels p_first..p_end-1.
 
     C (rows, width) C-contiguous, flat. A_g's row r, column u is a_flat[a_base + g
     a_block_stride + r lda + u] (u < kc): the gate-major dL/da of the time loops, block by
@@ -126,7 +136,7 @@ def _product_ab(c_flat, width, rows, a_flat, a_base, a_block_stride, lda, kc, pa
     inner = packed.shape[2]
     count, base, extra = row_blocks(rows)
     b_flat = packed.reshape(packed.size)
-    for p in range(panels):
+    for p in range(p_first, p_end):
         col0 = 2 * p * lanes
         valid0 = min(lanes, width - col0)
         valid1 = max(0, min(lanes, width - col0 - lanes))

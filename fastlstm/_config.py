@@ -39,7 +39,7 @@ BARRIER_LOOP_MIN_FACTOR = 2
 # (B x 4H x H): below, the barrier and the per-row gate calls cost more than half the
 # step saves. Measured on an AMD EPYC Zen 4, B = 2-5 rows (too few for two row chunks),
 # serial against the split: H = 64 (16-82 K per step) 0.8-1.04x, H = 128 (131-328 K)
-# 1.14-1.43x, H = 256 and 512 1.1-1.74x.
+# 1.12-1.43x, H = 256 and 512 1.08-1.74x.
 UNITS_STEP_MIN_MACS = 100_000
 
 # A layer's time loop projects each step's inputs itself (x_t W_ih^T next to h W_hh^T,
@@ -50,19 +50,19 @@ UNITS_STEP_MIN_MACS = 100_000
 # L3, where 8 MiB was measured as the crossing point.
 FUSED_MAX_WEIGHT_BYTES = CPU.l3_bytes // 4
 
-# A batch whose weights are beyond FUSED_MAX_WEIGHT_BYTES runs its forward loop split by
-# hidden units (each thread streams half of W_hh every step for every row, a barrier per
-# step) instead of by batch rows (all of W_hh for half the rows, no barrier) when the row
-# split would leave a thread at most one register block of rows and one direction's W_hh
-# takes at least this many bytes: then each step streams W_hh from beyond the L3 with
-# little work per weight, and halving the stream pays for the barrier. Otherwise (more
-# rows, or weights that stay in the L3) the barrier and the threads' exchange of h cost
-# more. Measured on an AMD EPYC Zen 4 (32 MiB L3), forward, units against rows: float64
-# H = 1024 (W_hh 32 MiB) B = 10 and 16: 25% and 8% faster; B = 24-64: -2% to +1.4%;
-# float32 H = 1024 (16 MiB) B = 10 and 16: 2-4% faster, B = 24-64: 1-3% slower; float64
-# H = 768 (18 MiB) B = 10 and 16: within 1.5% either way, B = 24 and 32: 7-10% slower;
-# H = 500 and 512 (8 MiB) B = 10-64: 1-13% slower (recog, B = 64: 13% forward, 12%
-# training).
+# A batch whose weights are beyond FUSED_MAX_WEIGHT_BYTES runs its loops (forward and
+# backward) split by hidden units (each thread streams half of W_hh every step for every
+# row, a barrier per step) instead of by batch rows (all of W_hh for half the rows, no
+# barrier) when the row split would leave a thread at most one register block of rows and
+# one direction's W_hh takes at least this many bytes: then each step streams W_hh from
+# beyond the L3 with little work per weight, and halving the stream pays for the barrier.
+# Otherwise (more rows, or weights that stay in the L3) the barrier and the threads'
+# exchange of h cost more. Measured on an AMD EPYC Zen 4 (32 MiB L3), forward, units
+# against rows: float64 H = 1024 (W_hh 32 MiB) B = 10 and 16: 25% and 8% faster, B =
+# 24-64: 1.4% faster to 6.5% slower; float32 H = 1024 (16 MiB) B = 10 and 16: 2-4% faster,
+# B = 24-64: 1-3% slower; float64 H = 768 (18 MiB) B = 10, 16 and 64: within 1.5%, B = 24
+# and 32: 7-10% slower; H = 500 and 512 (8 MiB) B = 10-64: 1-13% slower (recog, B = 64:
+# 13% forward, 12% training).
 UNITS_SPLIT_MIN_WEIGHT_BYTES = CPU.l3_bytes // 2
 
 # The input projection (when not in the loop) and the weight gradients are cut into this

@@ -47,9 +47,9 @@ ROW_VECTORS = VARIANT.row_vectors
 # The fewest rows worth a thread's own chunk of a batch. A block of r rows keeps 2 r FMA
 # chains, and a core's FMA units (two, of 4-5 cycles' latency) need about 10 to stay busy:
 # two threads of r rows beat one thread of 2 r once their 4 r chains in all exceed those
-# 10, from r = 3. Measured on an AMD EPYC Zen 4, forward, B = 6-9, H = 64-256 (float32 and
-# float64): chunks of 3-5 rows 1.3-1.9x faster than one thread; of 2 rows (B = 4, 5)
-# 0.75-1.5x.
+# 10, from r = 3. Measured on an AMD EPYC Zen 4, forward, B = 6-9, H = 64-512 (float32 and
+# float64): chunks of 3-5 rows 1.3-2.0x faster than one thread; of 2 rows (B = 4, 5)
+# 0.84-1.5x.
 MIN_CHUNK_ROWS = min(ROWS, 3)
 # The one-row product takes a later block of steps' input projection along
 # (:func:`row_tile_mixed`) where both sets of accumulators fit in the vector registers

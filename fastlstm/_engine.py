@@ -398,6 +398,20 @@ def _time_loops(timings, name, serial, parallel, args, tasks, in_parallel):
     _timed(timings, name, parallel if in_parallel else serial, args, tasks)
 
 
+def _forward_kernel(one_row: bool, unit_tasks: list):
+    """The forward loop kernel a layer's route runs (for the first-compile notice)."""
+    if one_row:
+        return _kernels.layer_forward_one_row
+    return _kernels.layer_forward_units if unit_tasks else _kernels.layer_forward_rows
+
+
+def _backward_kernel(one_row: bool, unit_tasks: list):
+    """The backward loop kernel a layer's route runs (for the first-compile notice)."""
+    if one_row:
+        return _kernels.layer_backward_one_row
+    return _kernels.layer_backward_units if unit_tasks else _kernels.layer_backward_rows
+
+
 def forward(
     layers: list[LayerArrays],
     x: np.ndarray,
@@ -425,9 +439,6 @@ def forward(
     caches = []
     layer_in = x
     tasks, in_parallel = _plan(steps, batch, directions, gates, out_size)
-    one_row = batch == 1 and layers[0].w_hr is None and layers[0].w_ch is None
-    kernel = _kernels.layer_forward_one_row if one_row else _kernels.layer_forward_rows
-    notice_first_compile(kernel, dtype, "forward")
     for k, layer in enumerate(layers):
         width = layer_in.shape[2]
         inputs = layer_in.reshape(steps * batch, width)
@@ -438,6 +449,7 @@ def forward(
         slots = steps if training or not fused else 1
         xp = _take((directions, 4, slots, batch * hidden), dtype)
         one_row_layer = batch == 1 and layer.w_hr is None and layer.w_ch is None
+        notice_first_compile(_forward_kernel(one_row_layer, unit_tasks), dtype, "forward")
         if not fused and not one_row_layer:  # (a one-row loop projects its own inputs)
             _timed(timings, "input_gemm", _project_inputs, xp, inputs, layer.w_ih, bias)
         out = np.empty((steps, batch, directions * out_size), dtype)
@@ -511,9 +523,6 @@ def backward(
     dh0 = np.empty_like(dh_n)
     dc0 = np.empty_like(dc_n)
     tasks, in_parallel = _plan(steps, batch, directions, gates, out_size)
-    one_row = batch == 1 and layers[0].w_hr is None and layers[0].w_ch is None
-    kernel = _kernels.layer_backward_one_row if one_row else _kernels.layer_backward_rows
-    notice_first_compile(kernel, dtype, "backward")
     d_layer_out = dout
     for k in range(len(layers) - 1, -1, -1):
         layer, grad, cache = layers[k], grads[k], caches[k]
@@ -521,7 +530,9 @@ def backward(
         dhstore = _take((directions, steps, batch, out_size) if has_proj else (0,) * 4, dtype)
         rows = slice(k * directions, (k + 1) * directions)
         unit_tasks = units_plan(steps, batch, layer, False) if batch > 1 else []
-        if batch == 1 and not has_proj and layer.w_ch is None:
+        one_row = batch == 1 and not has_proj and layer.w_ch is None
+        notice_first_compile(_backward_kernel(one_row, unit_tasks), dtype, "backward")
+        if one_row:
             packed = _backward_one_row(
                 timings, layer, cache, dh0[rows], dc0[rows], np.ascontiguousarray(d_layer_out),
                 dh_n[rows], dc_n[rows], lengths,

@@ -33,7 +33,7 @@ from fastlstm import _config, _cpu
 # What the notice says: measured on a Zen 4 (medium, float32, empty cache) 7 s for the
 # forward kernels, 9 s for the training ones; other CPUs compile faster or slower.
 _ROUGH_SECONDS = {"forward": "5-15", "backward": "5-15"}
-_noticed: set[tuple[np.dtype, str]] = set()
+_noticed: set[tuple[np.dtype, str, object]] = set()
 
 
 @dataclass
@@ -176,8 +176,9 @@ def _cached_for_this_cpu(dispatcher, dtype: np.dtype) -> bool:
 
 def notice_first_compile(dispatcher, dtype: np.dtype, phase: str) -> None:
     """Print one line to stderr when ``dispatcher`` is about to compile for ``dtype``: not
-    compiled in this process and not in the cache for this CPU. Once per process and phase."""
-    key = (np.dtype(dtype), phase)  # (not str(dtype): microseconds, on every call)
+    compiled in this process and not in the cache for this CPU. Once per process, phase and
+    kernel (the routes run different loop kernels: a thin batch's split its own)."""
+    key = (np.dtype(dtype), phase, dispatcher)  # (not str(dtype): microseconds, every call)
     if key in _noticed:
         return
     _noticed.add(key)

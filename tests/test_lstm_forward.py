@@ -14,7 +14,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from utils import assert_close
 
 import fastlstm as fl
-from fastlstm import _engine
+from fastlstm import _engine, _kernels
 from fastlstm import reference as ref
 from fastlstm._kernels import tiles
 from fastlstm._kernels.products import projected_in_loop
@@ -1000,3 +1000,33 @@ def test_hidden_unit_split_equals_row_loop(
     np.testing.assert_array_equal(h_n, serial["h_n"])
     np.testing.assert_array_equal(c_n, serial["c_n"])
     assert_matches_reference(split, model, args)
+
+
+@dtypes
+def test_first_compile_notice_checks_the_kernel_each_route_runs(
+    rng, monkeypatch, restore_threads, dtype
+):
+    """The first-compile notice asks about the loop kernel a layer's route will run (one
+    row, a thin batch's hidden-unit split, row chunks), forward and backward, so that a
+    route whose kernel is not compiled yet is announced even when another route's is."""
+    monkeypatch.setattr(_engine, "PARALLEL_MIN_MACS", 0)
+    monkeypatch.setattr(_engine, "UNITS_STEP_MIN_MACS", 0)
+    asked = []
+    monkeypatch.setattr(
+        _engine, "notice_first_compile", lambda kernel, dt, phase: asked.append((kernel, phase))
+    )
+    fl.set_num_threads(2)
+    hidden = 4 * tiles.VECTOR_BYTES // np.dtype(dtype).itemsize
+    model = fl.LSTM(I, hidden, dtype=dtype, seed=0)
+    thin = 2 * tiles.MIN_CHUNK_ROWS - 1
+    assert _engine.loop_route(T, thin, model._layers[0])[1]  # the split, as set up
+    for batch, forward_kernel, backward_kernel in [
+        (1, _kernels.layer_forward_one_row, _kernels.layer_backward_one_row),
+        (thin, _kernels.layer_forward_units, _kernels.layer_backward_units),
+        (2 * tiles.MIN_CHUNK_ROWS, _kernels.layer_forward_rows, _kernels.layer_backward_rows),
+    ]:
+        asked.clear()
+        x = rng.standard_normal((T, batch, I)).astype(dtype)
+        out, _ = model(x)
+        model.backward(np.ones_like(out))
+        assert asked == [(forward_kernel, "forward"), (backward_kernel, "backward")], batch

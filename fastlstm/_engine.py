@@ -1,14 +1,14 @@
-"""Stacked-LSTM forward and backward over validated arrays: the plan, the packing, the calls.
+"""Stacked-LSTM forward and backward over validated arrays: the packing and the calls.
 
 The public classes validate and lay out their inputs, then call :func:`forward` and
 :func:`backward` here with time-major, C-contiguous arrays in the model's dtype. Per layer:
-pack the weights for the micro-kernel (:mod:`fastlstm._kernels.packing`), plan the tasks (row
-chunks, directions, or hidden units: a one-row batch, or weights beyond the cache), run
-the time loops (which project each step's inputs themselves unless the weights are large:
-then one product over all steps first; a one-row batch's tasks each project their own
-units' inputs over all steps before their loop), and after the backward loop the weight
-gradients as GEMMs over all steps. Large scratch arrays come from a per-thread
-workspace. The only Python loop is over layers.
+pack the weights for the micro-kernel (:mod:`fastlstm._kernels.packing`), take the route
+:mod:`fastlstm._routes` plans (row chunks, directions, or hidden units: a one-row batch, a
+thin batch, or weights beyond the cache), run the time loops (which project each step's
+inputs themselves unless the weights are large: then one product over all steps first; a
+one-row batch's tasks each project their own units' inputs over all steps before their
+loop), and after the backward loop the weight gradients as GEMMs over all steps. Large
+scratch arrays come from a per-thread workspace. The only Python loop is over layers.
 """
 
 from __future__ import annotations
@@ -23,18 +23,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fastlstm import _kernels, _memory
-from fastlstm._config import (
-    BARRIER_LOOP_MIN_FACTOR,
-    FUSED_MAX_WEIGHT_BYTES,
-    PACKED_PROJECTION_BYTES,
-    PARALLEL_MIN_MACS,
-    SMALL_ROW_MACS,
-    SPLIT_PARTS,
-    UNITS_SPLIT_MIN_WEIGHT_BYTES,
-    UNITS_STEP_MIN_MACS,
-)
-from fastlstm._kernels import packing, sync, tiles
+from fastlstm import _kernels, _memory, _routes
+from fastlstm._config import PACKED_PROJECTION_BYTES, SMALL_ROW_MACS
+from fastlstm._kernels import packing
 from fastlstm._precompile import notice_first_compile
 from fastlstm._threads import blas_single_threaded, get_num_threads, run_tasks
 
@@ -185,59 +176,6 @@ def _summed_bias(layer: LayerArrays) -> np.ndarray:
     return bias
 
 
-def fuses_input_projection(batch: int, w_ih: np.ndarray, w_hh: np.ndarray) -> bool:
-    """Whether the time loop projects each step's input itself (see _kernels.layer_forward_rows).
-
-    It does unless the batch is one row (the register tile would run one row at a time:
-    the one-row loop's tasks project their units' inputs over all steps first, or with a
-    projection or full peepholes :func:`_project_inputs` does) or W_ih and W_hh together
-    outgrow the cache (each step would stream both from memory): then one GEMM over all
-    steps first (project_inputs) is faster.
-    """
-    return batch > 1 and w_ih[0].nbytes + w_hh[0].nbytes <= FUSED_MAX_WEIGHT_BYTES
-
-
-def loop_route(steps: int, batch: int, layer: LayerArrays) -> tuple[bool, list[tuple]]:
-    """(the loop projects its inputs, hidden-unit ranges of :func:`units_plan` or []) for a
-    layer's forward loop over a batch of several rows.
-
-    The fused loop splits only by rows; a batch too thin for two row chunks (under
-    2 MIN_CHUNK_ROWS rows) would run it on one thread. Where its loop is worth splitting by
-    hidden units (:func:`_splits_units`), such a batch projects its inputs first instead,
-    on any thread count: the route, and with it every sum's order, depends on the shape
-    alone, so one thread gives the same numbers as two.
-    """
-    fused = fuses_input_projection(batch, layer.w_ih, layer.w_hh)
-    if fused and batch < 2 * tiles.MIN_CHUNK_ROWS and _splits_units(steps, batch, layer):
-        fused = False
-    return fused, units_plan(steps, batch, layer, fused)
-
-
-def _splits_units(steps: int, batch: int, layer: LayerArrays) -> bool:
-    """Whether the shape allows a loop split by hidden units (:func:`units_plan`) and makes
-    it worth a barrier per step: one direction, several rows, no projection or full
-    peephole, two panels of units or more, a loop above :func:`_barrier_min_macs` and
-    UNITS_STEP_MIN_MACS a step. The thread count is not asked."""
-    directions, gates, out_size = layer.w_hh.shape
-    panel = 2 * tiles.VECTOR_BYTES // layer.w_hh.itemsize
-    return (
-        directions == 1
-        and batch >= 2
-        and layer.w_hr is None
-        and layer.w_ch is None
-        and gates // 4 >= 2 * panel
-        and steps * batch * gates * out_size >= _barrier_min_macs()
-        and batch * gates * out_size >= UNITS_STEP_MIN_MACS
-    )
-
-
-def _parts(macs: int) -> int:
-    """How many parts a phase of ``macs`` multiply-adds outside the time loops is cut into:
-    SPLIT_PARTS from PARALLEL_MIN_MACS on, whatever the thread count, so that its
-    arithmetic (BLAS calls of the same sizes) never depends on the thread count."""
-    return SPLIT_PARTS if macs >= PARALLEL_MIN_MACS else 1
-
-
 def _held_blas():
     """Every BLAS call of the engine runs inside this: the BLAS held to one thread (on the
     main thread; see :func:`fastlstm._threads.blas_single_threaded`). The engine's
@@ -275,7 +213,7 @@ def _project_inputs(xp, inputs, w_ih, bias) -> None:
     against 1.3)."""
     steps = xp.shape[2]
     rows, width = inputs.shape
-    parts = max(1, min(_parts(rows * width * w_ih.shape[0] * w_ih.shape[1]), steps))
+    parts = max(1, min(_routes.parts(rows * width * w_ih.shape[0] * w_ih.shape[1]), steps))
     if -(-rows // parts) * inputs.strides[0] <= PACKED_PROJECTION_BYTES:
         # Few rows: the packed micro-kernel, rows cut anywhere.
         packed = _pack_columns(w_ih, 4)
@@ -317,56 +255,6 @@ def backward_panels(layer: LayerArrays) -> tuple[np.ndarray, ...]:
         _pack_rows(w) if w is not None else _empty(dtype, 4)
         for w in (layer.w_hh, layer.w_hr, layer.w_ch)
     )
-
-
-def _plan(steps: int, batch: int, directions: int, gates: int, out_size: int):
-    """How to run a layer's time loops: (tasks, run them in parallel).
-
-    A task is (direction, first row, end row): rows never interact in a time loop, and the
-    packed W_hh is shared read-only, so each task runs its whole loop with no
-    synchronisation (one fork/join per layer call, as ONNX Runtime splits its batch).
-    Each direction's batch is split into as many row chunks as there are threads per
-    direction, keeping enough rows per chunk for a register block that keeps the FMA
-    units busy (:data:`fastlstm._kernels.tiles.MIN_CHUNK_ROWS`; a batch of one row
-    takes :func:`one_row_plan` unless it has a projection or full peepholes: then one
-    task, its products through the register tile one row at a time). The loops call no
-    BLAS.
-    """
-    threads = get_num_threads()
-    step_macs = batch * gates * out_size
-    serial = [(d, 0, batch) for d in range(directions)]
-    if threads < 2 or steps * directions * step_macs < PARALLEL_MIN_MACS:
-        return serial, False
-    chunks = max(1, min(threads // directions, batch // tiles.MIN_CHUNK_ROWS))
-    if directions * chunks < 2:
-        return serial, False
-    bounds = [batch * part // chunks for part in range(chunks + 1)]
-    tasks = [(d, bounds[i], bounds[i + 1]) for d in range(directions) for i in range(chunks)]
-    return tasks, True
-
-
-def _barrier_min_macs() -> int:
-    """From how many recurrent multiply-adds a loop split by hidden units (a barrier per
-    step) runs on two threads: BARRIER_LOOP_MIN_FACTOR x PARALLEL_MIN_MACS, read at the
-    call (tests and ``fastlstm compile`` set PARALLEL_MIN_MACS here to force a route)."""
-    return BARRIER_LOOP_MIN_FACTOR * PARALLEL_MIN_MACS
-
-
-def one_row_plan(steps: int, directions: int, gates: int, out_size: int, chunks: int):
-    """How to run a one-row batch's forward loops: (tasks, parties, run in parallel).
-
-    A task is (direction, first chunk, end chunk) of hidden units. One direction is split
-    into ``parties`` = 2 chunk ranges on two threads (with a barrier per step) when the
-    loop is large enough and has two chunks; two directions run as one task each.
-    """
-    threads = get_num_threads()
-    whole = [(d, 0, chunks) for d in range(directions)]
-    if threads < 2 or steps * directions * gates * out_size < _barrier_min_macs():
-        return whole, 1, False
-    if directions == 1 and chunks >= 2 and sync.AVAILABLE:
-        half = chunks // 2
-        return [(0, 0, half), (0, half, chunks)], 2, True
-    return whole, 1, directions > 1
 
 
 def layer_forward_serial(args: tuple, tasks: list[tuple[int, int, int]]) -> None:
@@ -438,12 +326,12 @@ def forward(
     c_n = np.empty_like(c0)
     caches = []
     layer_in = x
-    tasks, in_parallel = _plan(steps, batch, directions, gates, out_size)
+    tasks, in_parallel = _routes.row_plan(steps, batch, directions, gates, out_size)
     for k, layer in enumerate(layers):
         width = layer_in.shape[2]
         inputs = layer_in.reshape(steps * batch, width)
         bias = _summed_bias(layer)
-        fused, unit_tasks = loop_route(steps, batch, layer)
+        fused, unit_tasks = _routes.loop_route(steps, batch, layer)
         # Training keeps every step's gates for backward; inference with the projection in
         # the loop needs one step's.
         slots = steps if training or not fused else 1
@@ -522,14 +410,14 @@ def backward(
     dtype = dout.dtype
     dh0 = np.empty_like(dh_n)
     dc0 = np.empty_like(dc_n)
-    tasks, in_parallel = _plan(steps, batch, directions, gates, out_size)
+    tasks, in_parallel = _routes.row_plan(steps, batch, directions, gates, out_size)
     d_layer_out = dout
     for k in range(len(layers) - 1, -1, -1):
         layer, grad, cache = layers[k], grads[k], caches[k]
         has_proj = layer.w_hr is not None
         dhstore = _take((directions, steps, batch, out_size) if has_proj else (0,) * 4, dtype)
         rows = slice(k * directions, (k + 1) * directions)
-        unit_tasks = units_plan(steps, batch, layer, False) if batch > 1 else []
+        unit_tasks = _routes.units_plan(steps, batch, layer, False) if batch > 1 else []
         one_row = batch == 1 and not has_proj and layer.w_ch is None
         notice_first_compile(_backward_kernel(one_row, unit_tasks), dtype, "backward")
         if one_row:
@@ -568,44 +456,10 @@ def backward(
     return d_layer_in.reshape(steps, batch, -1), dh0, dc0
 
 
-def units_plan(steps: int, batch: int, layer: LayerArrays, fused: bool) -> list[tuple]:
-    """Hidden-unit ranges (direction, first unit, end unit), one per thread with a barrier
-    per step (layer_forward_units, layer_backward_units), or [] for the row chunks of
-    :func:`_plan`.
-
-    Taken for the input projection outside the loop (``fused`` False), two threads and a
-    shape that :func:`_splits_units` allows, when the row chunks of :func:`_plan` would not
-    run in parallel (a thin batch: see :func:`loop_route`), or would leave a thread at most
-    one register block of rows (tiles.ROWS) with a W_hh of UNITS_SPLIT_MIN_WEIGHT_BYTES or
-    more (see there). The ranges split at a whole panel (two vectors of units, the tile's
-    width), where the two threads' vectors are closest in number: a vector with some units
-    valid costs as much as a full one, so at H = 500 in float64 (63 vectors of 8) 256 + 244
-    units take 32 and 31 vectors, where cutting at half the units rounded down to a panel
-    (240 + 260) gave 30 and 33.
-    """
-    directions, gates, out_size = layer.w_hh.shape
-    hidden = gates // 4
-    lanes = tiles.VECTOR_BYTES // layer.w_hh.itemsize
-    panel = 2 * lanes
-    if fused or get_num_threads() < 2 or not sync.AVAILABLE:
-        return []
-    if not _splits_units(steps, batch, layer):
-        return []
-    row_tasks, rows_in_parallel = _plan(steps, batch, directions, gates, out_size)
-    widest = max(end - first for _, first, end in row_tasks)
-    if rows_in_parallel and (
-        widest > tiles.ROWS or layer.w_hh.nbytes < UNITS_SPLIT_MIN_WEIGHT_BYTES
-    ):
-        return []
-    vectors = -(-hidden // lanes)
-    panels = min(range(1, vectors // 2 + 1), key=lambda k: max(2 * k, vectors - 2 * k))
-    return [(0, 0, panels * panel), (0, panels * panel, hidden)]
-
-
 def _forward_units(
     timings, layer, tasks, out, h_n, c_n, xp, xh, cstate, h0, c0, lengths, training
 ) -> None:
-    """One layer's forward loop split by hidden units (see units_plan)."""
+    """One layer's forward loop split by hidden units (see _routes.units_plan)."""
     _, batch, out_size = h0.shape
     dtype = layer.w_hh.dtype
     packs = []
@@ -641,7 +495,9 @@ def _forward_one_row(
     dtype = layer.w_hh.dtype
     packed_ih = _take(packing.units_shape(layer.w_ih.shape, dtype.itemsize), dtype)
     packed = _take(packing.units_shape(layer.w_hh.shape, dtype.itemsize), dtype)
-    tasks, parties, parallel = one_row_plan(steps, directions, gates, out_size, packed.shape[2])
+    tasks, parties, parallel = _routes.one_row_plan(
+        steps, directions, gates, out_size, packed.shape[2]
+    )
     state = np.empty((directions, 2, out_size), dtype)
     state[:, 0] = h0[:, 0]
     counter = np.zeros(1, np.int64)
@@ -660,7 +516,9 @@ def _backward_one_row(timings, layer, cache, dh0, dc0, dout, dh_n, dc_n, lengths
     directions, gates, out_size = layer.w_hh.shape
     steps = dout.shape[0]
     packed = _timed(timings, "pack_weights", _pack_units_rows, layer.w_hh)
-    tasks, parties, parallel = one_row_plan(steps, directions, gates, out_size, packed.shape[1])
+    tasks, parties, parallel = _routes.one_row_plan(
+        steps, directions, gates, out_size, packed.shape[1]
+    )
     state = np.empty((directions, 2, out_size), layer.w_hh.dtype)
     state[:, 0] = dh_n[:, 0]
     counter = np.zeros(1, np.int64)
@@ -675,7 +533,7 @@ def _backward_one_row(timings, layer, cache, dh0, dc0, dout, dh_n, dc_n, lengths
 
 
 def _backward_units(timings, layer, tasks, cache, dh0, dc0, dout, dh_n, dc_n, lengths) -> tuple:
-    """One layer's backward loop split by hidden units (units_plan; the forward's split need
+    """One layer's backward loop split by hidden units (_routes.units_plan; the forward's split need
     not be the same, the numbers are); returns the packed weights."""
     dtype = layer.w_hh.dtype
     packed = _timed(timings, "pack_weights", _pack_rows, layer.w_hh)
@@ -693,7 +551,7 @@ def _backward_units(timings, layer, tasks, cache, dh0, dc0, dout, dh_n, dc_n, le
 
 
 def _run_one_row(kernel, calls: list[tuple], parties: int, parallel: bool) -> None:
-    """Run a one-row batch's loop calls (see one_row_plan): at once on fastlstm's threads,
+    """Run a one-row batch's loop calls (see _routes.one_row_plan): at once on fastlstm's threads,
     or one after another."""
     if parties > 1 and (not parallel or len(calls) != parties):
         # Each party waits for the others every step: they must all run at once.
@@ -726,7 +584,7 @@ def _weight_gradients(layer, grad, cache, dhstore):
     rows, width = inputs.shape
     # (Also: a threaded BLAS may sum dW_hh in another order than one thread, and results
     # must not depend on the thread count.)
-    parts = _parts(rows * gates * directions * (2 * width + layer.w_hh.shape[2]))
+    parts = _routes.parts(rows * gates * directions * (2 * width + layer.w_hh.shape[2]))
     if parts < 2:
         # Tiny sizes take the kernel's own row loops (no BLAS, no hold to pay for).
         small = gates * (width + layer.w_hh.shape[2]) <= SMALL_ROW_MACS

@@ -63,23 +63,23 @@ class CompileTimer(event.Listener):
 
 @contextlib.contextmanager
 def _every_route():
-    """Thresholds set so that tiny calls take the routes of large ones (then restored)."""
-    from fastlstm import _engine
+    """Thresholds set so that tiny calls take the routes of large ones (then restored):
+    yields the modules that read them, (routes, engine)."""
+    from fastlstm import _engine, _routes
 
-    saved = {
-        name: getattr(_engine, name)
-        for name in (
-            "FUSED_MAX_WEIGHT_BYTES",
-            "PARALLEL_MIN_MACS",
-            "UNITS_STEP_MIN_MACS",
-            "PACKED_PROJECTION_BYTES",
-        )  # fmt: skip
-    }
+    saved = [
+        (module, name, getattr(module, name))
+        for module, names in (
+            (_routes, ("FUSED_MAX_WEIGHT_BYTES", "PARALLEL_MIN_MACS", "UNITS_STEP_MIN_MACS")),
+            (_engine, ("PACKED_PROJECTION_BYTES",)),
+        )
+        for name in names
+    ]
     try:
-        yield _engine
+        yield _routes, _engine
     finally:
-        for name, value in saved.items():
-            setattr(_engine, name, value)
+        for module, name, value in saved:
+            setattr(module, name, value)
 
 
 def _tasks(dtypes: Sequence[str], train: bool) -> list[tuple[str, Callable[[], None]]]:
@@ -106,11 +106,11 @@ def _tasks(dtypes: Sequence[str], train: bool) -> list[tuple[str, Callable[[], N
                 x = rng.standard_normal((2, batch, 3)).astype(dtype)
 
                 def run(x=x, model=model, mode=mode, fused=fused, parallel=parallel) -> None:
-                    with _every_route() as engine:
-                        engine.FUSED_MAX_WEIGHT_BYTES = 1 << 40 if fused else 0
+                    with _every_route() as (routes, engine):
+                        routes.FUSED_MAX_WEIGHT_BYTES = 1 << 40 if fused else 0
                         engine.PACKED_PROJECTION_BYTES = 1 << 40
-                        engine.PARALLEL_MIN_MACS = 0 if parallel else 1 << 62
-                        engine.UNITS_STEP_MIN_MACS = 0 if parallel else 1 << 62
+                        routes.PARALLEL_MIN_MACS = 0 if parallel else 1 << 62
+                        routes.UNITS_STEP_MIN_MACS = 0 if parallel else 1 << 62
                         model.train(mode != "forward")
                         out, _ = model(x)
                         if mode != "forward":

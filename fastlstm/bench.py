@@ -51,9 +51,7 @@ import math
 import os
 import re
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -275,7 +273,8 @@ def threads(n: int, *, torch_too: bool = True) -> Iterator[None]:
 # ------------------------------------------------------------------------------------ timing
 
 
-def _seconds(call: Callable[[], None]) -> float:
+def time_call(call: Callable[[], None]) -> float:
+    """Seconds one call of ``call`` takes (wall clock)."""
     start = time.perf_counter()
     call()
     return time.perf_counter() - start
@@ -287,7 +286,7 @@ def gemm_rate(dtype: Any = np.float32, n: int = 2048, repeats: int = 5) -> float
     a = rng.standard_normal((n, n)).astype(dtype)
     b = rng.standard_normal((n, n)).astype(dtype)
     a @ b  # warm-up
-    seconds = statistics.median(_seconds(lambda: a @ b) for _ in range(repeats))
+    seconds = statistics.median(time_call(lambda: a @ b) for _ in range(repeats))
     return 2.0 * n**3 / seconds / 1e9
 
 
@@ -319,7 +318,7 @@ class Row:
     peer_samples: list[float]
 
 
-def _settle(call: Callable[[], None], seconds: float) -> None:
+def settle_call(call: Callable[[], None], seconds: float) -> None:
     """Run ``call`` untimed for ``seconds`` (at least once): the side's threads are awake and
     the other side's spinning threads have gone to sleep before the timed call."""
     end = time.perf_counter() + seconds
@@ -357,8 +356,8 @@ def measure_row_set(
     lstm = make_model(shape, dtype, variant)
     x, dout = make_inputs(lstm, shape)
     fl_call = make_call("fastlstm", lstm, x, dout, mode)
-    fl_first = _seconds(fl_call)
-    fl_estimate = _seconds(fl_call)
+    fl_first = time_call(fl_call)
+    fl_estimate = time_call(fl_call)
     peer_calls: dict[str, Callable[[], None]] = {}
     first: dict[str, float] = {}
     setup: dict[str, float] = {}
@@ -371,8 +370,8 @@ def measure_row_set(
         start = time.perf_counter()
         call = make_call(name, lstm, x, dout, mode, threads=threads_n)
         setup[name] = time.perf_counter() - start
-        first[name] = _seconds(call)
-        estimate[name] = _seconds(call)
+        first[name] = time_call(call)
+        estimate[name] = time_call(call)
         peer_calls[name] = call
     counts = {
         name: _repeats_within(budget, estimate[name] + fl_estimate, repeats) for name in peer_calls
@@ -386,14 +385,14 @@ def measure_row_set(
     fl_samples: dict[str | None, list[float]] = {name: [] for name in peer_calls}
     peer_samples: dict[str, list[float]] = {name: [] for name in peer_calls}
     if not peer_calls:
-        fl_samples[None] = [_seconds(fl_call) for _ in range(repeats)]
+        fl_samples[None] = [time_call(fl_call) for _ in range(repeats)]
     for r in range(repeats):
         for name, call in peer_calls.items():  # alternating: fastlstm, peer, fastlstm, ...
             if r < counts[name]:
-                _settle(fl_call, settle)
-                fl_samples[name].append(_seconds(fl_call))
-                _settle(call, settle)
-                peer_samples[name].append(_seconds(call))
+                settle_call(fl_call, settle)
+                fl_samples[name].append(time_call(fl_call))
+                settle_call(call, settle)
+                peer_samples[name].append(time_call(call))
     work = flops(shape, variant, mode)
     rows = []
     for name, fl_times in fl_samples.items():
@@ -734,225 +733,3 @@ def plot(result: dict[str, Any], path: str | os.PathLike) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-# ------------------------------------------------------------------------------ under load
-
-
-def _spin(seconds: float, ready: Any) -> None:
-    """A busy loop for at most ``seconds`` (the child processes of :func:`busy_processes`)."""
-    ready.set()
-    end = time.monotonic() + seconds
-    x = 0
-    while time.monotonic() < end:
-        x += 1
-
-
-@contextlib.contextmanager
-def busy_processes(count: int = 2, seconds: float = 300.0) -> Iterator[None]:
-    """``count`` processes each spinning one CPU, for at most ``seconds``, always terminated."""
-    import multiprocessing
-
-    context = multiprocessing.get_context("spawn")
-    ready = [context.Event() for _ in range(count)]
-    procs = [context.Process(target=_spin, args=(seconds, r), daemon=True) for r in ready]
-    try:
-        for proc in procs:
-            proc.start()
-        for event in ready:
-            event.wait(timeout=120)
-        yield
-    finally:
-        for proc in procs:
-            if proc.is_alive():
-                proc.terminate()
-        for proc in procs:
-            proc.join(timeout=10)
-            if proc.is_alive():
-                proc.kill()
-                proc.join(timeout=10)
-
-
-def under_load(
-    shape: Shape = GRID["medium"],
-    *,
-    peer_names: Sequence[str] = ("torch",),
-    dtype: Any = np.float32,
-    threads_n: int = DEFAULT_THREADS,
-    repeats: int = DEFAULT_REPEATS,
-    busy: int = 2,
-    settle: float = DEFAULT_SETTLE,
-) -> dict[str, Any]:
-    """Forward time of fastlstm and each peer, alone and next to ``busy`` spinning processes.
-
-    Alternating runs in both conditions, each timed call after the side settles (as in
-    the grid); slowdown = loaded median / unloaded median.
-    """
-    chosen = [p for p in peer_names if p in peers.available_peers() and p != "reference"]
-    with threads(threads_n, torch_too="torch" in chosen):
-        lstm = make_model(shape, dtype)
-        x, dout = make_inputs(lstm, shape)
-        calls = {"fastlstm": make_call("fastlstm", lstm, x, dout, "forward")}
-        for name in chosen:
-            if not peers.unsupported(name, lstm):
-                calls[name] = make_call(name, lstm, x, dout, "forward", threads=threads_n)
-        for call in calls.values():
-            call()
-            call()
-        medians = {}
-        for condition in ("alone", "loaded"):
-            samples: dict[str, list[float]] = {name: [] for name in calls}
-            context = busy_processes(busy) if condition == "loaded" else contextlib.nullcontext()
-            with context:
-                for _ in range(repeats):
-                    for name, call in calls.items():
-                        _settle(call, settle)
-                        samples[name].append(_seconds(call))
-            medians[condition] = {name: statistics.median(s) for name, s in samples.items()}
-    sides = {
-        name: {
-            "alone_s": medians["alone"][name],
-            "loaded_s": medians["loaded"][name],
-            "slowdown": medians["loaded"][name] / medians["alone"][name],
-        }
-        for name in calls
-    }
-    return {
-        "shape": asdict(shape),
-        "dtype": np.dtype(dtype).name,
-        "threads": threads_n,
-        "busy_processes": busy,
-        "repeats": repeats,
-        "settle_s": settle,
-        "sides": sides,
-    }
-
-
-def format_under_load(result: dict[str, Any]) -> str:
-    shape = Shape(**result["shape"])
-    lines = [
-        f"under load: {shape.name} ({shape.label}) forward, {result['dtype']}, "
-        f"{result['threads']} threads per side, {result['busy_processes']} busy processes, "
-        f"medians of {result['repeats']} alternating runs, each after {result['settle_s']:g} s "
-        "of settling",
-        f"{'side':<12} {'alone ms':>10} {'loaded ms':>10} {'slowdown':>9}",
-    ]
-    for name, side in result["sides"].items():
-        lines.append(
-            f"{name:<12} {side['alone_s'] * 1e3:>10.2f} {side['loaded_s'] * 1e3:>10.2f} "
-            f"{side['slowdown']:>8.2f}x"
-        )
-    return "\n".join(lines)
-
-
-# ------------------------------------------------------------------------------- cold start
-
-_COLD_START = """
-import json, sys, time
-start = time.perf_counter()
-import numpy as np
-import fastlstm as fl
-imported = time.perf_counter()
-B, T, I, H, threads, dtype, train = {args!r}
-fl.set_num_threads(threads)
-lstm = fl.LSTM(I, H, dtype=dtype, seed=0).eval()
-x = np.random.default_rng(0).standard_normal((T, B, I)).astype(dtype)
-t0 = time.perf_counter(); lstm(x); t1 = time.perf_counter(); lstm(x); t2 = time.perf_counter()
-result = {{"import_s": imported - start, "first_forward_s": t1 - t0, "second_forward_s": t2 - t1}}
-if train:
-    lstm.train()
-    dout = np.ones((T, B, H), dtype)
-    t0 = time.perf_counter(); lstm(x); lstm.backward(dout); t1 = time.perf_counter()
-    lstm.zero_grad(); lstm(x); lstm.backward(dout); t2 = time.perf_counter()
-    result.update(first_train_step_s=t1 - t0, second_train_step_s=t2 - t1)
-print(json.dumps(result))
-"""
-
-
-def cold_start(
-    shape: Shape = GRID["medium"],
-    *,
-    dtype: Any = np.float32,
-    threads_n: int = DEFAULT_THREADS,
-    train: bool = False,
-    empty_cache: bool = True,
-    timeout: float = 600.0,
-) -> dict[str, Any]:
-    """Import + first calls in a fresh interpreter, with Numba's cache as it is and empty.
-
-    "existing cache": the environment as given (the cache beside the package, in
-    ``__pycache__``, or ``$NUMBA_CACHE_DIR``); "empty cache": ``NUMBA_CACHE_DIR`` set to a new
-    temporary folder, so every kernel is compiled. "process_s" is the whole subprocess,
-    interpreter start-up included.
-    """
-    args = (
-        shape.batch,
-        shape.seq,
-        shape.input,
-        shape.hidden,
-        threads_n,
-        np.dtype(dtype).name,
-        train,
-    )
-    code = _COLD_START.format(args=args)
-    cases = {}
-    with tempfile.TemporaryDirectory(prefix="fastlstm-numba-cache-") as empty:
-        cases_env = [("existing cache", {})]
-        if empty_cache:
-            cases_env.append(("empty cache", {"NUMBA_CACHE_DIR": empty}))
-        for label, extra in cases_env:
-            env = {**os.environ, **extra}
-            start = time.perf_counter()
-            done = subprocess.run(
-                [sys.executable, "-c", code],
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=timeout,
-            )
-            elapsed = time.perf_counter() - start
-            if done.returncode != 0:
-                raise RuntimeError(f"cold start ({label}) failed:\n{done.stderr[-2000:]}")
-            case = json.loads(done.stdout.strip().splitlines()[-1])
-            case["process_s"] = elapsed
-            cases[label] = case
-    return {
-        "shape": asdict(shape),
-        "dtype": np.dtype(dtype).name,
-        "threads": threads_n,
-        "numba_cache_dir": os.environ.get("NUMBA_CACHE_DIR"),
-        "cases": cases,
-    }
-
-
-def format_cold_start(result: dict[str, Any]) -> str:
-    shape = Shape(**result["shape"])
-    keys = (
-        "import_s",
-        "first_forward_s",
-        "second_forward_s",
-        "first_train_step_s",
-        "second_train_step_s",
-        "process_s",
-    )
-    titles = (
-        "import",
-        "1st forward",
-        "2nd forward",
-        "1st train step",
-        "2nd train step",
-        "whole process",
-    )
-    used = [
-        (k, t)
-        for k, t in zip(keys, titles, strict=True)
-        if all(k in case for case in result["cases"].values())
-    ]
-    lines = [
-        f"cold start: {shape.name} ({shape.label}), {result['dtype']}, {result['threads']} "
-        "threads, seconds in a fresh interpreter",
-        f"{'':<16}" + "".join(f"{t:>16}" for _, t in used),
-    ]
-    for label, case in result["cases"].items():
-        lines.append(f"{label:<16}" + "".join(f"{case[k]:>16.3f}" for k, _ in used))
-    return "\n".join(lines)

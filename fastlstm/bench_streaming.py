@@ -26,6 +26,7 @@ import numpy as np
 import fastlstm as fl
 from fastlstm import peers
 from fastlstm._kernels import stream as stream_kernels
+from fastlstm.bench import settle_call
 
 HIDDEN = (64, 128, 256)
 BATCHES = (1, 16)
@@ -65,13 +66,6 @@ def _block(step: Callable[[], Any], steps: int) -> Callable[[], None]:
             step()
 
     return run
-
-
-def _settle(run: Callable[[], None], seconds: float) -> None:
-    end = time.perf_counter() + seconds
-    run()
-    while time.perf_counter() < end:
-        run()
 
 
 def _fastlstm_side(model: fl.LSTM, x: np.ndarray) -> tuple[Callable[[], Any], np.ndarray]:
@@ -209,9 +203,9 @@ def run(
                     mine, theirs = [], []
                     ours_block, peer_block = _block(ours, steps), _block(peer, steps)
                     for _ in range(repeats):
-                        _settle(ours_block, settle)
+                        settle_call(ours_block, settle)
                         mine.append(_per_step(ours_block, steps))
-                        _settle(peer_block, settle)
+                        settle_call(peer_block, settle)
                         theirs.append(_per_step(peer_block, steps))
                     fast, slow = statistics.median(mine), statistics.median(theirs)
                     rows.append(

@@ -344,9 +344,11 @@ def _run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     modes = bench.MODES if args.mode == "both" else (args.mode,)
     results = {}
     if args.under_load or args.cold_start:
+        from fastlstm import bench_conditions
+
         shape = shapes[0] if args.shapes != "all" else bench.GRID["medium"]
         if args.under_load:
-            result = bench.under_load(
+            result = bench_conditions.under_load(
                 shape,
                 peer_names=names,
                 dtype=args.dtype,
@@ -354,13 +356,13 @@ def _run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
                 repeats=args.repeats,
                 settle=args.settle,
             )
-            print(bench.format_under_load(result), flush=True)
+            print(bench_conditions.format_under_load(result), flush=True)
             results["under_load"] = result
         if args.cold_start:
-            result = bench.cold_start(
+            result = bench_conditions.cold_start(
                 shape, dtype=args.dtype, threads_n=args.threads, train="train" in modes
             )
-            print(bench.format_cold_start(result), flush=True)
+            print(bench_conditions.format_cold_start(result), flush=True)
             results["cold_start"] = result
         if args.json:
             bench.write_json(results, args.json)

@@ -11,7 +11,7 @@ the public call adds (validation, copies).
 
 The forward time loop is split further by timing its products alone
 (``_kernels.recurrent_products_only``) with the same sizes, dtype and threading as the
-loop, following the engine's own plan (``_engine._plan``: the same tasks on its thread
+loop, following the engine's own plan (``_routes.row_plan``: the same tasks on its thread
 pool, or serially; BLAS held to one thread or not): gate math is then estimated as
 ``time_loop - matrix products``. It is an estimate: inside the loop the two compete for
 the same caches.
@@ -34,7 +34,7 @@ import numba
 import numpy as np
 
 import fastlstm as fl
-from fastlstm import _config, _engine, _kernels, _memory
+from fastlstm import _config, _engine, _kernels, _memory, _routes
 from fastlstm._kernels import packing
 from fastlstm._kernels.products import projected_in_loop
 from fastlstm._threads import blas_single_threaded, run_tasks
@@ -113,7 +113,7 @@ def _recurrent_tasks(lstm: fl.LSTM, shape: Shape, plan: list, rng) -> list[list[
     layers = []
     for layer in lstm._layers:
         tasks = []
-        fused = _engine.loop_route(shape.seq, shape.batch, layer)[0]
+        fused = _routes.loop_route(shape.seq, shape.batch, layer)[0]
         for d, first, end in plan:
             w_ih = np.ascontiguousarray(layer.w_ih[d : d + 1])
             w_hh = np.ascontiguousarray(layer.w_hh[d : d + 1])
@@ -134,7 +134,7 @@ def _recurrent_tasks(lstm: fl.LSTM, shape: Shape, plan: list, rng) -> list[list[
 
 def _unit_tasks(lstm: fl.LSTM, shape: Shape, plan: list, rng) -> list[list[tuple]]:
     """Per layer, the argument sets of ``recurrent_products_only`` for the hidden-unit split
-    (``_engine.units_plan``): each task multiplies every row by its units' part of W_hh
+    (``_routes.units_plan``): each task multiplies every row by its units' part of W_hh
     (its block of gates written as if H were its unit count: the same products)."""
     dtype = lstm.dtype
     out = lstm.proj_size or lstm.hidden_size
@@ -335,18 +335,20 @@ def profile(
         unit_tasks = []
         if one_row:
             chunks = packing.units_shape(lstm._layers[0].w_hh.shape, dtype.itemsize)[2]
-            plan, _, parallel = _engine.one_row_plan(shape.seq, directions, gates, out_size, chunks)
+            plan, _, parallel = _routes.one_row_plan(shape.seq, directions, gates, out_size, chunks)
             blas_single, kernel = False, _kernels.one_row_products_only
             tasks = _one_row_tasks(lstm, shape, plan, rng)
         else:
             layer0 = lstm._layers[0]
-            unit_tasks = _engine.loop_route(shape.seq, shape.batch, layer0)[1]
+            unit_tasks = _routes.loop_route(shape.seq, shape.batch, layer0)[1]
             kernel = _kernels.recurrent_products_only
             if unit_tasks:
                 plan, parallel, blas_single = unit_tasks, True, False
                 tasks = _unit_tasks(lstm, shape, plan, rng)
             else:
-                plan, parallel = _engine._plan(shape.seq, shape.batch, directions, gates, out_size)
+                plan, parallel = _routes.row_plan(
+                    shape.seq, shape.batch, directions, gates, out_size
+                )
                 blas_single = False
                 tasks = _recurrent_tasks(lstm, shape, plan, rng)
         recurrent_first = _first_call(lambda: _time_recurrent([tasks[0][:1]], False, False, kernel))
@@ -365,7 +367,7 @@ def profile(
         machine = machine_info()
         machine["fastlstm_threads"] = fl.get_num_threads()
 
-    fused = _engine.loop_route(shape.seq, shape.batch, lstm._layers[0])[0]
+    fused = _routes.loop_route(shape.seq, shape.batch, lstm._layers[0])[0]
     work = phase_flops(shape, layers=layers, directions=directions, fused=fused)
     return {
         "config": {

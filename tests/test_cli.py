@@ -15,7 +15,7 @@ import sys
 import numba
 import pytest
 
-from fastlstm import bench, cli, peers
+from fastlstm import bench, bench_conditions, cli, peers
 
 TINY = "B4T3I5H8"
 THREADS = str(min(2, numba.config.NUMBA_NUM_THREADS))
@@ -186,7 +186,7 @@ def test_bench_alone_and_bad_arguments(capsys):
 
 
 def test_bench_under_load_and_cold_start(capsys, tmp_path):
-    result = bench.under_load(
+    result = bench_conditions.under_load(
         bench.parse_shape(TINY),
         peer_names=("torch",),
         repeats=3,
@@ -197,8 +197,8 @@ def test_bench_under_load_and_cold_start(capsys, tmp_path):
     assert set(result["sides"]) == {"fastlstm", "torch"}
     for side in result["sides"].values():
         assert all(_positive(side[k]) for k in ("alone_s", "loaded_s", "slowdown"))
-    assert "slowdown" in bench.format_under_load(result)
-    cold = bench.cold_start(
+    assert "slowdown" in bench_conditions.format_under_load(result)
+    cold = bench_conditions.cold_start(
         bench.parse_shape(TINY), threads_n=int(THREADS), train=True, empty_cache=False
     )
     case = cold["cases"]["existing cache"]
@@ -210,7 +210,7 @@ def test_bench_under_load_and_cold_start(capsys, tmp_path):
         "process_s",
     ):
         assert _positive(case[key]), key
-    assert "1st forward" in bench.format_cold_start(cold)
+    assert "1st forward" in bench_conditions.format_cold_start(cold)
 
 
 @pytest.mark.parametrize(
@@ -300,13 +300,13 @@ def test_python_dash_m_help():
 def test_profile_times_the_hidden_unit_split_as_the_loop_runs_it(capsys, monkeypatch, tmp_path):
     """Weights beyond the fused limit (forced to 0 here): the loop splits hidden units over
     the two threads, and the profile's products-alone run the same split."""
-    from fastlstm import _engine
+    from fastlstm import _routes
 
     if THREADS != "2":
         pytest.fail("this machine has fewer than 2 cores; the suite expects at least 2")
-    monkeypatch.setattr(_engine, "FUSED_MAX_WEIGHT_BYTES", 0)
-    monkeypatch.setattr(_engine, "PARALLEL_MIN_MACS", 0)
-    monkeypatch.setattr(_engine, "UNITS_STEP_MIN_MACS", 0)
+    monkeypatch.setattr(_routes, "FUSED_MAX_WEIGHT_BYTES", 0)
+    monkeypatch.setattr(_routes, "PARALLEL_MIN_MACS", 0)
+    monkeypatch.setattr(_routes, "UNITS_STEP_MIN_MACS", 0)
     json_path = tmp_path / "profile.json"
     text = _run(capsys, "profile", "--batch", "5", "--seq", "5", "--input", "16", "--hidden",
                 "64", "--repeats", "2", "--threads", "2", "--json", str(json_path))  # fmt: skip

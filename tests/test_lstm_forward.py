@@ -14,7 +14,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from utils import assert_close
 
 import fastlstm as fl
-from fastlstm import _engine, _kernels
+from fastlstm import _engine, _kernels, _routes
 from fastlstm import reference as ref
 from fastlstm._kernels import tiles
 from fastlstm._kernels.products import projected_in_loop
@@ -557,7 +557,7 @@ def test_parallel_kernels_match_serial_forced(
     register block: bit-identical to one thread.
     """
     options, batch, lengths = PARALLEL_CASES[case]
-    monkeypatch.setattr(_engine, "PARALLEL_MIN_MACS", 0)
+    monkeypatch.setattr(_routes, "PARALLEL_MIN_MACS", 0)
     model = fl.LSTM(I, H, 2, dtype=dtype, seed=9, **options)
     compare_serial_and_parallel(rng, kernel_calls, model, batch, lengths)
 
@@ -610,7 +610,7 @@ def test_parallel_kernels_above_the_natural_threshold(rng, kernel_calls, restore
     """
     hidden = 160
     model = fl.LSTM(I, hidden, 1, bidirectional=True, dtype=dtype, seed=10)
-    assert T * 4 * 2 * 4 * hidden * hidden >= _engine.PARALLEL_MIN_MACS
+    assert T * 4 * 2 * 4 * hidden * hidden >= _routes.PARALLEL_MIN_MACS
     compare_serial_and_parallel(rng, kernel_calls, model, 4, LENGTHS)
 
 
@@ -622,7 +622,7 @@ def test_one_direction_split_into_row_chunks_above_the_threshold(
     threads, weight gradients split too: bit-identical to one thread."""
     hidden, batch = 128, 24
     model = fl.LSTM(I, hidden, 1, dtype=dtype, seed=13)
-    assert T * batch * 4 * hidden * hidden >= _engine.PARALLEL_MIN_MACS
+    assert T * batch * 4 * hidden * hidden >= _routes.PARALLEL_MIN_MACS
     lengths = rng.integers(0, T + 1, batch)
     compare_serial_and_parallel(rng, kernel_calls, model, batch, lengths)
 
@@ -659,7 +659,7 @@ def test_one_row_batch_splits_hidden_units_bit_identically(
     run = steps if lengths is None else lengths[0]
     assert (projected_in_loop(run, 0) != (0, 0)) == (tiles.MIXES_PROJECTION and steps == LONG)
     T = steps  # noqa: N806 (the module's T, longer here)
-    monkeypatch.setattr(_engine, "PARALLEL_MIN_MACS", 0)
+    monkeypatch.setattr(_routes, "PARALLEL_MIN_MACS", 0)
     seen = []
     real = _engine._run_one_row
 
@@ -853,9 +853,9 @@ PROJECTION_ROUTES = {
 def test_every_input_projection_route_matches_the_reference(
     rng, monkeypatch, restore_threads, dtype, route, bidirectional, batch
 ):
-    monkeypatch.setattr(_engine, "PARALLEL_MIN_MACS", 0)
+    monkeypatch.setattr(_routes, "PARALLEL_MIN_MACS", 0)
     for name, value in PROJECTION_ROUTES[route].items():
-        monkeypatch.setattr(_engine, name, value)
+        monkeypatch.setattr(_routes if hasattr(_routes, name) else _engine, name, value)
     calls = {"project_inputs": 0, "project_inputs_packed": 0}
     for kernel in calls:
         original = getattr(_engine._kernels, kernel)
@@ -892,15 +892,15 @@ def test_hidden_unit_split_balances_vectors(monkeypatch, restore_threads, dtype)
     units and the rest, with vector counts (a part-valid vector counting whole, as the
     tile computes it) at most one panel apart: at H = 500 in float64 with 512-bit
     vectors, 256 + 244 units (32 and 31 vectors), not 240 + 260 (30 and 33)."""
-    monkeypatch.setattr(_engine, "PARALLEL_MIN_MACS", 0)
-    monkeypatch.setattr(_engine, "UNITS_STEP_MIN_MACS", 0)
+    monkeypatch.setattr(_routes, "PARALLEL_MIN_MACS", 0)
+    monkeypatch.setattr(_routes, "UNITS_STEP_MIN_MACS", 0)
     fl.set_num_threads(2)
     lanes = tiles.VECTOR_BYTES // np.dtype(dtype).itemsize
     panel = 2 * lanes
     thin = 2 * tiles.MIN_CHUNK_ROWS - 1
     for hidden in range(2 * panel, 6 * panel + 1):
         layer = fl.LSTM(I, hidden, dtype=dtype, seed=0)._layers[0]
-        (d0, first0, end0), (d1, first1, end1) = _engine.units_plan(T, thin, layer, False)
+        (d0, first0, end0), (d1, first1, end1) = _routes.units_plan(T, thin, layer, False)
         assert (d0, first0, d1, end1) == (0, 0, 0, hidden)
         assert end0 == first1 and end0 % panel == 0 and 0 < end0 < hidden
         vectors = (end0 // lanes, -(-(hidden - end0) // lanes))
@@ -914,36 +914,36 @@ def test_hidden_unit_split_only_where_row_chunks_are_thin(monkeypatch, restore_t
     leaving the fused loop), or would give a thread at most one register block of rows
     with W_hh of at least UNITS_SPLIT_MIN_WEIGHT_BYTES, and a step has UNITS_STEP_MIN_MACS
     multiply-adds; otherwise it splits rows (no barrier per step) or runs on one thread."""
-    monkeypatch.setattr(_engine, "PARALLEL_MIN_MACS", 0)
-    monkeypatch.setattr(_engine, "UNITS_STEP_MIN_MACS", 0)
+    monkeypatch.setattr(_routes, "PARALLEL_MIN_MACS", 0)
+    monkeypatch.setattr(_routes, "UNITS_STEP_MIN_MACS", 0)
     fl.set_num_threads(2)
     hidden = 4 * tiles.VECTOR_BYTES // np.dtype(dtype).itemsize
     layer = fl.LSTM(I, hidden, dtype=dtype, seed=0)._layers[0]
     thin = 2 * tiles.ROWS  # two chunks of ROWS rows
     thick = 2 * tiles.ROWS + 2
     too_few = 2 * tiles.MIN_CHUNK_ROWS - 1  # one chunk: the row loop runs on one thread
-    monkeypatch.setattr(_engine, "UNITS_SPLIT_MIN_WEIGHT_BYTES", layer.w_hh.nbytes)
-    assert _engine.units_plan(T, thin, layer, False)
-    assert _engine.units_plan(T, too_few, layer, False)
-    assert _engine.units_plan(T, thick, layer, False) == []
-    monkeypatch.setattr(_engine, "UNITS_SPLIT_MIN_WEIGHT_BYTES", layer.w_hh.nbytes + 1)
-    assert _engine.units_plan(T, thin, layer, False) == []
-    assert _engine.units_plan(T, too_few, layer, False)
-    assert _engine.units_plan(T, thick, layer, True) == []  # fused: never
+    monkeypatch.setattr(_routes, "UNITS_SPLIT_MIN_WEIGHT_BYTES", layer.w_hh.nbytes)
+    assert _routes.units_plan(T, thin, layer, False)
+    assert _routes.units_plan(T, too_few, layer, False)
+    assert _routes.units_plan(T, thick, layer, False) == []
+    monkeypatch.setattr(_routes, "UNITS_SPLIT_MIN_WEIGHT_BYTES", layer.w_hh.nbytes + 1)
+    assert _routes.units_plan(T, thin, layer, False) == []
+    assert _routes.units_plan(T, too_few, layer, False)
+    assert _routes.units_plan(T, thick, layer, True) == []  # fused: never
     step = too_few * layer.w_hh.shape[1] * layer.w_hh.shape[2]  # multiply-adds a step
-    monkeypatch.setattr(_engine, "UNITS_STEP_MIN_MACS", step + 1)
-    assert _engine.units_plan(T, too_few, layer, False) == []
-    assert _engine.loop_route(T, too_few, layer) == (True, [])  # the fused loop, one thread
-    monkeypatch.setattr(_engine, "UNITS_STEP_MIN_MACS", step)
-    assert _engine.units_plan(T, too_few, layer, False)
+    monkeypatch.setattr(_routes, "UNITS_STEP_MIN_MACS", step + 1)
+    assert _routes.units_plan(T, too_few, layer, False) == []
+    assert _routes.loop_route(T, too_few, layer) == (True, [])  # the fused loop, one thread
+    monkeypatch.setattr(_routes, "UNITS_STEP_MIN_MACS", step)
+    assert _routes.units_plan(T, too_few, layer, False)
     # Within the fused limit a thin batch leaves the fused loop for the split; two row
     # chunks keep it.
-    fused, tasks = _engine.loop_route(T, too_few, layer)
-    assert not fused and tasks == _engine.units_plan(T, too_few, layer, False)
-    assert _engine.loop_route(T, 2 * tiles.MIN_CHUNK_ROWS, layer) == (True, [])
+    fused, tasks = _routes.loop_route(T, too_few, layer)
+    assert not fused and tasks == _routes.units_plan(T, too_few, layer, False)
+    assert _routes.loop_route(T, 2 * tiles.MIN_CHUNK_ROWS, layer) == (True, [])
     fl.set_num_threads(1)  # one thread: no split, but the same route (the same sums)
-    assert _engine.units_plan(T, thin, layer, False) == []
-    assert _engine.loop_route(T, too_few, layer) == (False, [])
+    assert _routes.units_plan(T, thin, layer, False) == []
+    assert _routes.loop_route(T, too_few, layer) == (False, [])
 
 
 @dtypes
@@ -953,14 +953,14 @@ def test_hidden_unit_split_equals_row_loop(
     rng, monkeypatch, restore_threads, dtype, peephole, weights
 ):
     """A batch too thin for two row chunks, one direction, two threads: the forward loop
-    projects its inputs first (within the fused limit too: :func:`_engine.loop_route`),
+    projects its inputs first (within the fused limit too: :func:`_routes.loop_route`),
     the forward and backward loops split the hidden units (a barrier per step) and give the
     row loops' numbers bit for bit (one thread), with lengths, in training (then backward,
     gradients included) and inference."""
-    monkeypatch.setattr(_engine, "PARALLEL_MIN_MACS", 0)
-    monkeypatch.setattr(_engine, "UNITS_STEP_MIN_MACS", 0)
+    monkeypatch.setattr(_routes, "PARALLEL_MIN_MACS", 0)
+    monkeypatch.setattr(_routes, "UNITS_STEP_MIN_MACS", 0)
     if weights == "beyond the fused limit":
-        monkeypatch.setattr(_engine, "FUSED_MAX_WEIGHT_BYTES", 0)
+        monkeypatch.setattr(_routes, "FUSED_MAX_WEIGHT_BYTES", 0)
     seen = []
     real = _engine._forward_units
     real_backward = _engine._backward_units
@@ -1009,8 +1009,8 @@ def test_first_compile_notice_checks_the_kernel_each_route_runs(
     """The first-compile notice asks about the loop kernel a layer's route will run (one
     row, a thin batch's hidden-unit split, row chunks), forward and backward, so that a
     route whose kernel is not compiled yet is announced even when another route's is."""
-    monkeypatch.setattr(_engine, "PARALLEL_MIN_MACS", 0)
-    monkeypatch.setattr(_engine, "UNITS_STEP_MIN_MACS", 0)
+    monkeypatch.setattr(_routes, "PARALLEL_MIN_MACS", 0)
+    monkeypatch.setattr(_routes, "UNITS_STEP_MIN_MACS", 0)
     asked = []
     monkeypatch.setattr(
         _engine, "notice_first_compile", lambda kernel, dt, phase: asked.append((kernel, phase))
@@ -1019,7 +1019,7 @@ def test_first_compile_notice_checks_the_kernel_each_route_runs(
     hidden = 4 * tiles.VECTOR_BYTES // np.dtype(dtype).itemsize
     model = fl.LSTM(I, hidden, dtype=dtype, seed=0)
     thin = 2 * tiles.MIN_CHUNK_ROWS - 1
-    assert _engine.loop_route(T, thin, model._layers[0])[1]  # the split, as set up
+    assert _routes.loop_route(T, thin, model._layers[0])[1]  # the split, as set up
     for batch, forward_kernel, backward_kernel in [
         (1, _kernels.layer_forward_one_row, _kernels.layer_backward_one_row),
         (thin, _kernels.layer_forward_units, _kernels.layer_backward_units),

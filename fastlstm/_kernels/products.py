@@ -316,7 +316,9 @@ def _product_one_row_projecting(
         off = base + g * gate_stride + chunk * width
         b_off = ((d * 4 + g) * chunks + chunk) * inner * width
         valid = min(width, hidden - chunk * width)
-        if q < 0:
+        # A part-valid chunk runs the row kernel of its own vectors alone (the mixed loop
+        # multiplies all ROW_VECTORS); the tile waits for the next row or the finish.
+        if q < 0 or (valid < width and j < rows):
             row_tile(flat, off, 0, h, 0, 0, b_flat, b_off, width, inner, valid)
         else:
             alone = j >= rows
@@ -380,9 +382,10 @@ def product_one_row_back(dh, xp, base, gate_stride, hidden, packed, d, first, en
     for chunk in range(first, end):
         col0 = chunk * width
         scratch[:] = 0
+        valid = min(width, inner - col0)  # a part-valid chunk: only its own vectors
         for g in range(4):
             b_off = ((d * chunks + chunk) * gates + g * hidden) * width
             a_off = base + g * gate_stride
-            row_tile(scratch, 0, 0, flat, a_off, 0, b_flat, b_off, width, hidden, width)
-        for j in range(min(width, inner - col0)):
+            row_tile(scratch, 0, 0, flat, a_off, 0, b_flat, b_off, width, hidden, valid)
+        for j in range(valid):
             dh[col0 + j] = scratch[j]

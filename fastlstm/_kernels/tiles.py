@@ -335,7 +335,13 @@ def _tile_any(
 def row_tile(typingctx, c, c_off0, ldc, a, a_off, lda, b, b_off, ldb, kc, valid):
     """One row by ROW_VECTORS contiguous vectors of C from c_off0 (the one-row kernel), of
     which the first ``valid`` elements exist (the rest neither read nor written); other
-    arguments as :func:`_tile_any`'s, no prefetch."""
+    arguments as :func:`_tile_any`'s, no prefetch.
+
+    A loop per count of vectors with valid elements, chosen by a switch: a chunk with
+    fewer units (a gate's last, or a thread's) loads and multiplies only its own vectors
+    of the panel. One loop over all ROW_VECTORS cost a part-valid chunk as much as a full
+    one (measured on a Zen 4, one row, T = 150: H = 256 2.7 ms, H = 264, one more chunk of
+    8 units, 4.4 ms)."""
     if _tile_signature(c, a, b) is None:
         return None
     index = types.intp
@@ -350,7 +356,21 @@ def row_tile(typingctx, c, c_off0, ldc, a, a_off, lda, b, b_off, ldb, kc, valid)
         tile_args = [c_arr, c_off0, c_off1, ldc, a_arr, a_off, lda, b_arr, b_off, ldb, kc]
         valids = [builder.sub(valid, ir.Constant(i64, v * lanes)) for v in range(ROW_VECTORS)]
         as_tile = _tile_signature(sig.args[0], sig.args[3], sig.args[6])  # argument positions
-        _emit_tile(context, builder, as_tile, tile_args, 1, ROW_VECTORS, False, valids)
+        # ceil(valid / lanes), at most ROW_VECTORS; no case (nothing done) at <= 0
+        count = builder.sdiv(
+            builder.add(valid, ir.Constant(i64, lanes - 1)), ir.Constant(i64, lanes)
+        )
+        full = builder.icmp_signed(">", count, ir.Constant(i64, ROW_VECTORS))
+        count = builder.select(full, ir.Constant(i64, ROW_VECTORS), count)
+        after = builder.append_basic_block("row_tile.after")
+        switch = builder.switch(count, after)
+        for vectors in range(1, ROW_VECTORS + 1):
+            case = builder.append_basic_block(f"row_tile.case{vectors}")
+            switch.add_case(ir.Constant(i64, vectors), case)
+            builder.position_at_end(case)
+            _emit_tile(context, builder, as_tile, tile_args, 1, vectors, False, valids[:vectors])
+            builder.branch(after)
+        builder.position_at_end(after)
         return context.get_dummy_value()
 
     return signature, codegen

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from fastlstm import _config, _cpu
 # forward kernels, 9 s for the training ones; other CPUs compile faster or slower.
 _ROUGH_SECONDS = {"forward": "5-15", "backward": "5-15"}
 _noticed: set[tuple[np.dtype, str, object]] = set()
+_quiet = threading.local()  # set while precompile runs: its progress bar says it all
 
 
 @dataclass
@@ -140,6 +142,7 @@ def precompile(
     bar = tqdm(total=len(tasks), desc="fastlstm compile", unit="route", disable=not progress)
     timer = CompileTimer(on_kernel=lambda name: bar.set_postfix_str(name, refresh=True))
     previous = _threads.get_num_threads()
+    _quiet.on = True
     try:
         _threads.set_num_threads(max(2, previous))  # the split routes need two threads
         with timer.installed():
@@ -148,6 +151,7 @@ def precompile(
                 run()
                 bar.update()
     finally:
+        _quiet.on = False
         _threads.set_num_threads(previous)
         bar.close()
     return timer.seconds
@@ -179,7 +183,7 @@ def notice_first_compile(dispatcher, dtype: np.dtype, phase: str) -> None:
     compiled in this process and not in the cache for this CPU. Once per process, phase and
     kernel (the routes run different loop kernels: a thin batch's split its own)."""
     key = (np.dtype(dtype), phase, dispatcher)  # (not str(dtype): microseconds, every call)
-    if key in _noticed:
+    if key in _noticed or getattr(_quiet, "on", False):
         return
     _noticed.add(key)
     wanted = from_dtype(dtype)

@@ -108,6 +108,7 @@ def test_compile_command_fills_the_cache_and_then_finds_everything_there(tmp_pat
     for kernel in ("layer_forward_rows", "layer_forward_one_row", "layer_forward_units"):
         assert kernel in first.stdout
     assert "100%" in first.stderr  # the progress bar ran to the end
+    assert NOTICE not in first.stderr  # the bar says what compiles; no notice on top
     again = run(command, cache)
     assert again.returncode == 0, again.stderr
     assert "every kernel came from Numba's cache" in again.stdout

@@ -271,10 +271,14 @@ def _row_and_tile_mixed(c, h, b, ldb, kc, valid, t_offs, ldt, x, x_off, ldx, w, 
     "inner, width_in, cuts",
     [(64, 64, []), (7, 50, [3, 20]), (50, 5, [2]), (0, 9, [4]), (33, 33, [1, 2, 31])],
 )
-def test_row_tile_mixed_gives_the_bits_of_the_row_and_the_tile_apart(dtype, inner, width_in, cuts):
-    """One row by ROW_VECTORS vectors (inner k) and a ROWS-row tile (width_in k, cut into
-    several calls whose sums wait in the scratch) in one loop: the same bits as
-    row_tile and tile called apart, near the float64 product, masked lanes untouched."""
+@pytest.mark.parametrize("row_units", ["all but half a vector", "three vectors and two", "one"])
+def test_row_tile_mixed_gives_the_bits_of_the_row_and_the_tile_apart(
+    dtype, inner, width_in, cuts, row_units
+):
+    """One row by up to ROW_VECTORS vectors (inner k; each count of valid vectors has its
+    own loop) and a ROWS-row tile (width_in k, cut into several calls whose sums wait in
+    the scratch) in one loop: the same bits as row_tile and tile called apart, near the
+    float64 product, masked lanes untouched."""
     rng = np.random.default_rng(inner + width_in)
     vec = lanes(dtype)
     width = tiles.ROW_VECTORS * vec
@@ -285,7 +289,9 @@ def test_row_tile_mixed_gives_the_bits_of_the_row_and_the_tile_apart(dtype, inne
     ldt = 3 * vec + 5  # the tile's rows overlap none of the row's vectors
     t_offs = np.array([width + 1, width + 1 + vec])
     c = rng.standard_normal(width + 1 + tiles.ROWS * ldt + 2 * vec).astype(dtype)
-    valid, valids = width - vec // 2, np.array([vec, vec - 3])
+    valid = {"all but half a vector": width - vec // 2, "three vectors and two": 3 * vec + 2,
+             "one": 1}[row_units]  # fmt: skip
+    valids = np.array([vec, vec - 3])
     common = (h, b, width, inner, valid, t_offs, ldt, x, 3, width_in, w, 2 * vec, width, width_in,
               valids)  # fmt: skip
     apart = c.copy()

@@ -316,9 +316,7 @@ def _product_one_row_projecting(
         off = base + g * gate_stride + chunk * width
         b_off = ((d * 4 + g) * chunks + chunk) * inner * width
         valid = min(width, hidden - chunk * width)
-        # A part-valid chunk runs the row kernel of its own vectors alone (the mixed loop
-        # multiplies all ROW_VECTORS); the tile waits for the next row or the finish.
-        if q < 0 or (valid < width and j < rows):
+        if q < 0:
             row_tile(flat, off, 0, h, 0, 0, b_flat, b_off, width, inner, valid)
         else:
             alone = j >= rows

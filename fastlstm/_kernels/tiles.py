@@ -427,7 +427,6 @@ def row_tile_mixed(
         fresh = builder.icmp_signed("<=", k0, const(0))
         tile_start = [[builder.select(fresh, emit.zero, builder.load(p, align=emit.align))
                        for p in row] for row in kept]  # fmt: skip
-        row_start = [[emit.zero] * ROW_VECTORS]
 
         def row_step(k, acc):
             return emit.panel_step(acc, h_row, k, builder.gep(b_base, [builder.mul(k, ldb)]))
@@ -438,44 +437,64 @@ def row_tile_mixed(
         half = builder.ashr(kc, const(1))
         span = builder.sub(k1, k0)
         both = builder.select(builder.icmp_signed("<", half, span), half, span)
-
-        def mixed_step(i, accs):
-            k = builder.shl(i, const(1))
-            row = row_step(k, accs[0])
-            tile = tile_step(builder.add(k0, i), accs[1])
-            return [row_step(builder.add(k, const(1)), row), tile]
-
-        row_acc, tile_acc = emit.loop("mixed", both, [row_start, tile_start], mixed_step)
         row_first = builder.shl(builder.select(builder.icmp_signed(">", both, const(0)), both,
                                                const(0)), const(1))  # fmt: skip
-        (row_acc,) = emit.loop(
-            "mixed.row", builder.sub(kc, row_first), [row_acc],
-            lambda i, accs: [row_step(builder.add(row_first, i), accs[0])],
-        )  # fmt: skip
         tile_first = builder.add(k0, builder.select(builder.icmp_signed(">", both, const(0)),
                                                     both, const(0)))  # fmt: skip
-        (tile_acc,) = emit.loop(
-            "mixed.tile", builder.sub(k1, tile_first), [tile_acc],
-            lambda i, accs: [tile_step(builder.add(tile_first, i), accs[0])],
-        )  # fmt: skip
-        row_offsets = [builder.add(c_off, const(v * lanes)) for v in range(ROW_VECTORS)]
-        row_masks = [_lane_mask(builder, lanes, builder.sub(valid, const(v * lanes)))
-                     for v in range(ROW_VECTORS)]  # fmt: skip
-        emit.add_into_c(c_ptr, const(0), row_acc, [(row_offsets, row_masks)])
-        finish = builder.append_basic_block("mixed.finish")
-        keep = builder.append_basic_block("mixed.keep")
-        end = builder.append_basic_block("mixed.end")
-        builder.cbranch(builder.icmp_signed(">=", k1, kw), finish, keep)
-        builder.position_at_end(finish)
-        tile_masks = [_lane_mask(builder, lanes, valid0), _lane_mask(builder, lanes, valid1)]
-        emit.add_into_c(c_ptr, ldt, tile_acc, [([t_off0, t_off1], tile_masks)])
-        builder.branch(end)
-        builder.position_at_end(keep)
-        for row, pointers in zip(tile_acc, kept, strict=True):
-            for value, pointer in zip(row, pointers, strict=True):
-                builder.store(value, pointer, align=emit.align)
-        builder.branch(end)
-        builder.position_at_end(end)
+        after = builder.append_basic_block("mixed.after")
+
+        def emit_case(vectors: int) -> None:
+            """The loops with ``vectors`` vectors of the row (its valid ones), ending at
+            ``after``."""
+
+            def mixed_step(i, accs):
+                k = builder.shl(i, const(1))
+                row = row_step(k, accs[0])
+                tile = tile_step(builder.add(k0, i), accs[1])
+                return [row_step(builder.add(k, const(1)), row), tile]
+
+            row_start = [[emit.zero] * vectors]
+            row_acc, tile_acc = emit.loop(
+                f"mixed{vectors}", both, [row_start, tile_start], mixed_step
+            )
+            (row_acc,) = emit.loop(
+                f"mixed{vectors}.row", builder.sub(kc, row_first), [row_acc],
+                lambda i, accs: [row_step(builder.add(row_first, i), accs[0])],
+            )  # fmt: skip
+            (tile_acc,) = emit.loop(
+                f"mixed{vectors}.tile", builder.sub(k1, tile_first), [tile_acc],
+                lambda i, accs: [tile_step(builder.add(tile_first, i), accs[0])],
+            )  # fmt: skip
+            row_offsets = [builder.add(c_off, const(v * lanes)) for v in range(vectors)]
+            row_masks = [_lane_mask(builder, lanes, builder.sub(valid, const(v * lanes)))
+                         for v in range(vectors)]  # fmt: skip
+            emit.add_into_c(c_ptr, const(0), row_acc, [(row_offsets, row_masks)])
+            finish = builder.append_basic_block(f"mixed{vectors}.finish")
+            keep = builder.append_basic_block(f"mixed{vectors}.keep")
+            builder.cbranch(builder.icmp_signed(">=", k1, kw), finish, keep)
+            builder.position_at_end(finish)
+            tile_masks = [_lane_mask(builder, lanes, valid0), _lane_mask(builder, lanes, valid1)]
+            emit.add_into_c(c_ptr, ldt, tile_acc, [([t_off0, t_off1], tile_masks)])
+            builder.branch(after)
+            builder.position_at_end(keep)
+            for row, pointers in zip(tile_acc, kept, strict=True):
+                for value, pointer in zip(row, pointers, strict=True):
+                    builder.store(value, pointer, align=emit.align)
+            builder.branch(after)
+
+        # The row's valid vectors, 1..ROW_VECTORS (1 for a tile alone: kc = valid = 0): a
+        # part-valid chunk loads and multiplies only its own (see row_tile).
+        count = builder.sdiv(builder.add(valid, const(lanes - 1)), const(lanes))
+        count = builder.select(builder.icmp_signed("<", count, const(1)), const(1), count)
+        full = builder.icmp_signed(">", count, const(ROW_VECTORS))
+        count = builder.select(full, const(ROW_VECTORS), count)
+        switch = builder.switch(count, after)
+        for vectors in range(1, ROW_VECTORS + 1):
+            case = builder.append_basic_block(f"mixed.case{vectors}")
+            switch.add_case(const(vectors), case)
+            builder.position_at_end(case)
+            emit_case(vectors)
+        builder.position_at_end(after)
         return context.get_dummy_value()
 
     return signature, codegen

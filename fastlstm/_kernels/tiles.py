@@ -82,6 +82,29 @@ def _lane_range(builder, lanes: int, start, stop):
     )
 
 
+def _switch_on_vectors(builder, valid, lanes: int, lowest: int, name: str, emit_case) -> None:
+    """Branch on how many vectors ``valid`` elements fill (ceil(valid / lanes), held within
+    lowest..ROW_VECTORS) and call ``emit_case(vectors)`` in each case's block (it must end
+    with a branch to the block it is given); the builder ends in that joint block. Below
+    ``lowest`` (0: valid <= 0) no case runs. The one-row kernels' loop per count of valid
+    vectors: a part-valid chunk loads and multiplies only its own."""
+    i64 = ir.IntType(64)
+    count = builder.sdiv(builder.add(valid, ir.Constant(i64, lanes - 1)), ir.Constant(i64, lanes))
+    if lowest > 0:
+        low = builder.icmp_signed("<", count, ir.Constant(i64, lowest))
+        count = builder.select(low, ir.Constant(i64, lowest), count)
+    full = builder.icmp_signed(">", count, ir.Constant(i64, ROW_VECTORS))
+    count = builder.select(full, ir.Constant(i64, ROW_VECTORS), count)
+    after = builder.append_basic_block(f"{name}.after")
+    switch = builder.switch(count, after)
+    for vectors in range(max(1, lowest), ROW_VECTORS + 1):
+        case = builder.append_basic_block(f"{name}.case{vectors}")
+        switch.add_case(ir.Constant(i64, vectors), case)
+        builder.position_at_end(case)
+        emit_case(vectors, after)
+    builder.position_at_end(after)
+
+
 class _Emitter:
     """The IR pieces every tile generator shares, for one dtype at one builder: the vector
     type, the LLVM intrinsics (fma, masked load and store, prefetch) and small helpers."""
@@ -356,21 +379,12 @@ def row_tile(typingctx, c, c_off0, ldc, a, a_off, lda, b, b_off, ldb, kc, valid)
         tile_args = [c_arr, c_off0, c_off1, ldc, a_arr, a_off, lda, b_arr, b_off, ldb, kc]
         valids = [builder.sub(valid, ir.Constant(i64, v * lanes)) for v in range(ROW_VECTORS)]
         as_tile = _tile_signature(sig.args[0], sig.args[3], sig.args[6])  # argument positions
-        # ceil(valid / lanes), at most ROW_VECTORS; no case (nothing done) at <= 0
-        count = builder.sdiv(
-            builder.add(valid, ir.Constant(i64, lanes - 1)), ir.Constant(i64, lanes)
-        )
-        full = builder.icmp_signed(">", count, ir.Constant(i64, ROW_VECTORS))
-        count = builder.select(full, ir.Constant(i64, ROW_VECTORS), count)
-        after = builder.append_basic_block("row_tile.after")
-        switch = builder.switch(count, after)
-        for vectors in range(1, ROW_VECTORS + 1):
-            case = builder.append_basic_block(f"row_tile.case{vectors}")
-            switch.add_case(ir.Constant(i64, vectors), case)
-            builder.position_at_end(case)
+
+        def emit_case(vectors: int, after) -> None:
             _emit_tile(context, builder, as_tile, tile_args, 1, vectors, False, valids[:vectors])
             builder.branch(after)
-        builder.position_at_end(after)
+
+        _switch_on_vectors(builder, valid, lanes, 0, "row_tile", emit_case)  # none at <= 0
         return context.get_dummy_value()
 
     return signature, codegen
@@ -441,9 +455,8 @@ def row_tile_mixed(
                                                const(0)), const(1))  # fmt: skip
         tile_first = builder.add(k0, builder.select(builder.icmp_signed(">", both, const(0)),
                                                     both, const(0)))  # fmt: skip
-        after = builder.append_basic_block("mixed.after")
 
-        def emit_case(vectors: int) -> None:
+        def emit_case(vectors: int, after) -> None:
             """The loops with ``vectors`` vectors of the row (its valid ones), ending at
             ``after``."""
 
@@ -482,19 +495,8 @@ def row_tile_mixed(
                     builder.store(value, pointer, align=emit.align)
             builder.branch(after)
 
-        # The row's valid vectors, 1..ROW_VECTORS (1 for a tile alone: kc = valid = 0): a
-        # part-valid chunk loads and multiplies only its own (see row_tile).
-        count = builder.sdiv(builder.add(valid, const(lanes - 1)), const(lanes))
-        count = builder.select(builder.icmp_signed("<", count, const(1)), const(1), count)
-        full = builder.icmp_signed(">", count, const(ROW_VECTORS))
-        count = builder.select(full, const(ROW_VECTORS), count)
-        switch = builder.switch(count, after)
-        for vectors in range(1, ROW_VECTORS + 1):
-            case = builder.append_basic_block(f"mixed.case{vectors}")
-            switch.add_case(const(vectors), case)
-            builder.position_at_end(case)
-            emit_case(vectors)
-        builder.position_at_end(after)
+        # At least one vector: a tile alone (kc = valid = 0) still runs.
+        _switch_on_vectors(builder, valid, lanes, 1, "mixed", emit_case)
         return context.get_dummy_value()
 
     return signature, codegen
